@@ -1,0 +1,249 @@
+"""Forward + backward time of the reweighted distillation objectives: jaxkd vs PyTorch eager.
+
+Each objective is the distillation term of the training loss, differentiated with respect to
+the student logits (the teacher and the auxiliary IPWD head are inputs). jaxkd runs jitted;
+the same formulas run in PyTorch eager (written as the peers write them) on the same device in
+the same run. Median of --repeats runs after warm-up (compile excluded).
+
+  python benchmarks/losses.py                   # all sizes, writes benchmarks/results/
+  python benchmarks/losses.py --sizes 1024x100 --repeats 20
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import losses, weighting
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SIZES = {"1024x100": (1024, 100), "1024x1000": (1024, 1000), "8192x1000": (8192, 1000),
+         "4x1024x32000": (4, 1024, 32000)}
+TEMPERATURE = 4.0
+
+
+def jax_objectives():
+  """name -> f(student, teacher, aux_head, labels) -> scalar, differentiated in student."""
+  t = TEMPERATURE
+  return {
+      "KD": lambda s, te, g, y: losses.kd_loss(s, te, temperature=t),
+      "ER-KD": lambda s, te, g, y: losses.kd_loss(
+          s, te, temperature=t, weights=weighting.teacher_entropy_weights(te)),
+      "EA-KD": lambda s, te, g, y: losses.kd_loss(
+          s, te, temperature=t, weights=weighting.adaptive_entropy_weights(te, s)),
+      "IPWD (likelihood_ratio)": lambda s, te, g, y: losses.kd_loss(
+          s, te, temperature=t, weights=weighting.inverse_propensity_weights(s, g, y)),
+      "IPWD (loss_ratio)": lambda s, te, g, y: losses.kd_loss(
+          s, te, temperature=t,
+          weights=weighting.inverse_propensity_weights(s, g, y, estimator="loss_ratio")),
+      "DKD": lambda s, te, g, y: losses.dkd_loss(s, te, y, temperature=t),
+      "ER-DKD": lambda s, te, g, y: losses.dkd_loss(
+          s, te, y, temperature=t, weights=weighting.teacher_entropy_weights(te)),
+  }
+
+
+def torch_objectives(torch):
+  """The same objectives in PyTorch eager, in the peers' style (flattened to [N, C])."""
+  F = torch.nn.functional
+  t = TEMPERATURE
+
+  def kl_rows(s, te):
+    return F.kl_div(F.log_softmax(s / t, -1), F.softmax(te / t, -1), reduction="none").sum(-1)
+
+  def entropy(z, temp):
+    p = F.softmax(z / temp, -1)
+    return -(p * torch.log(torch.clamp(p, min=1e-10))).sum(-1)
+
+  def kd(s, te, w=None):
+    kl = kl_rows(s, te)
+    return (kl if w is None else kl * w).mean() * t**2
+
+  def standardize(z):
+    return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-7)
+
+  def ipw(s, g, y, estimator):
+    with torch.no_grad():
+      lq_kd = F.log_softmax(standardize(s), -1).gather(-1, y[:, None])[:, 0]
+      lq_ce = F.log_softmax(standardize(g), -1).gather(-1, y[:, None])[:, 0]
+      if estimator == "likelihood_ratio":
+        return 1 + torch.exp(lq_ce - lq_kd)
+      return 1 + lq_ce / lq_kd
+
+  def dkd(s, te, y, w=None):
+    gt = F.one_hot(y, s.shape[-1]).bool()
+    ps, pt = F.softmax(s / t, -1), F.softmax(te / t, -1)
+    bs = torch.stack([(ps * gt).sum(-1), (ps * ~gt).sum(-1)], -1)
+    bt = torch.stack([(pt * gt).sum(-1), (pt * ~gt).sum(-1)], -1)
+    tckd = F.kl_div(torch.log(bs), bt, reduction="none").sum(-1)
+    nckd = F.kl_div(F.log_softmax(s / t - 1000.0 * gt, -1), F.softmax(te / t - 1000.0 * gt, -1),
+                    reduction="none").sum(-1)
+    per = (tckd + 8.0 * nckd) * t**2
+    return (per if w is None else per * w).mean()
+
+  def with_no_grad(fn):
+    def wrapped(*a):
+      with torch.no_grad():
+        return fn(*a)
+    return wrapped
+
+  return {
+      "KD": lambda s, te, g, y: kd(s, te),
+      "ER-KD": lambda s, te, g, y: kd(s, te, with_no_grad(entropy)(te, 4.0)),
+      "EA-KD": lambda s, te, g, y: kd(s, te, with_no_grad(
+          lambda a, b: 0.5 * entropy(a, 3.0) * (1 + entropy(b, 3.0) / np.log(a.shape[-1])))(
+              te, s.detach())),
+      "IPWD (likelihood_ratio)": lambda s, te, g, y: kd(s, te, ipw(s.detach(), g, y,
+                                                                     "likelihood_ratio")),
+      "IPWD (loss_ratio)": lambda s, te, g, y: kd(s, te, ipw(s.detach(), g, y, "loss_ratio")),
+      "DKD": lambda s, te, g, y: dkd(s, te, y),
+      "ER-DKD": lambda s, te, g, y: dkd(s, te, y, with_no_grad(entropy)(te, 4.0)),
+  }
+
+
+def device_name():
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    return f"cpu-{os.cpu_count()}core ({model})"
+  return d.device_kind
+
+
+def device_slug(name):
+  return name.split(" (")[0].replace(" ", "-").lower()
+
+
+def median_time(fn, repeats, warmup=3):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def make_inputs(shape, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  s = (rng.standard_normal(shape, np.float32) * 3)
+  te = (rng.standard_normal(shape, np.float32) * 3)
+  g = s + rng.standard_normal(shape, np.float32) * 0.5
+  y = rng.integers(0, shape[-1], shape[:-1]).astype(np.int32)
+  if dtype == "bfloat16":
+    s, te, g = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (s, te, g))
+  return s, te, g, y
+
+
+def bench_jax(fn, inputs, dtype, repeats):
+  jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  s, te, g, y = inputs
+  s, te, g = (jnp.asarray(x, jdtype) for x in (s, te, g))
+  y = jnp.asarray(y)
+  step = jax.jit(jax.value_and_grad(fn))
+  run = lambda: jax.block_until_ready(step(s, te, g, y))
+  return median_time(run, repeats)
+
+
+def bench_torch(torch, fn, inputs, dtype, repeats):
+  tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  s, te, g, y = inputs
+  # Flatten leading axes as a PyTorch user would; bf16 inputs are upcast for float32 math.
+  c = s.shape[-1]
+  s, te, g = (torch.from_numpy(x.reshape(-1, c)).to(tdtype) for x in (s, te, g))
+  y = torch.from_numpy(y.reshape(-1)).long()
+
+  def run():
+    s_ = s.detach().float().requires_grad_(True)
+    loss = fn(s_, te.float(), g.float(), y)
+    loss.backward()
+    return loss.item()
+
+  return median_time(run, repeats)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ", ".join(SIZES))
+  parser.add_argument("--objectives", default="", help="comma list (default: all)")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--out", default=RESULTS)
+  args = parser.parse_args(argv)
+
+  torch = None
+  if not args.no_torch:
+    import torch  # noqa: F811  (optional baseline)
+  jobj = jax_objectives()
+  tobj = torch_objectives(torch) if torch else {}
+  names = [n for n in jobj if not args.objectives or n in args.objectives.split(",")]
+  device = device_name()
+  rows = []
+  for size in args.sizes.split(","):
+    shape = SIZES[size]
+    dtype = "bfloat16" if len(shape) == 3 else "float32"
+    inputs = make_inputs(shape, dtype)
+    for name in names:
+      jt = bench_jax(jobj[name], inputs, dtype, args.repeats)
+      tt = bench_torch(torch, tobj[name], inputs, dtype, args.repeats) if torch else None
+      row = dict(objective=name, size=size, dtype=dtype, jax_ms=jt * 1e3,
+                 torch_ms=None if tt is None else tt * 1e3,
+                 speedup=None if tt is None else tt / jt)
+      rows.append(row)
+      print(f"{size:>13} {dtype:>8} {name:>24}: jaxkd {jt*1e3:9.3f} ms"
+            + ("" if tt is None else f"  torch {tt*1e3:9.3f} ms  x{tt/jt:5.2f}"), flush=True)
+  # Reweighting overhead against plain KD / DKD of the same size.
+  base = {(r["size"], r["objective"]): r["jax_ms"] for r in rows}
+  for r in rows:
+    ref = "DKD" if "DKD" in r["objective"] else "KD"
+    if (r["size"], ref) in base:
+      r["overhead_vs_" + ref.lower()] = r["jax_ms"] / base[(r["size"], ref)] - 1
+  write_results(rows, device, args)
+
+
+def write_results(rows, device, args):
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"losses-{device_slug(device)}")
+  meta = dict(device=device, jax=jax.__version__, repeats=args.repeats,
+              timestamp=time.strftime("%Y-%m-%d %H:%M:%S"), python=sys.version.split()[0],
+              what="forward+backward of the distillation term w.r.t. student logits, median")
+  try:
+    import torch
+    meta["torch"] = torch.__version__
+    meta["torch_threads"] = torch.get_num_threads()
+  except ImportError:
+    pass
+  with open(stem + ".json", "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  lines = [f"# Loss benchmark on {device}", "",
+           f"jax {meta['jax']}, torch {meta.get('torch', '-')}; {meta['what']} of {args.repeats} "
+           "runs after warm-up, compile excluded. speed-up = torch time / jaxkd time; overhead = "
+           "jaxkd time against plain KD (or DKD) of the same size.", "",
+           "| size | dtype | objective | jaxkd ms | torch eager ms | speed-up | overhead |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    over = r.get("overhead_vs_kd", r.get("overhead_vs_dkd"))
+    lines.append(
+        f"| {r['size']} | {r['dtype']} | {r['objective']} | {r['jax_ms']:.3f} | "
+        + ("-" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}") + " | "
+        + ("-" if r["speedup"] is None else f"{r['speedup']:.2f}x") + " | "
+        + ("-" if over is None or r["objective"] in ("KD", "DKD") else f"{over:+.1%}") + " |")
+  with open(stem + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("wrote", stem + ".json", stem + ".md")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,74 @@
+"""The command line: `python -m jaxkd.main --config configs/FILE.py:PRESET --workdir DIR`.
+
+    python -m jaxkd.main --config configs/cifar100.py:resnet32x4-resnet8x4,method=erkd \
+        --workdir runs/r32x4_r8x4_erkd --config.optimizer.lr=0.05
+
+The config is validated before anything heavy starts; a config that cannot run exits with
+code 2 and one message that says what is wrong and what to do. Restarting with the same
+--workdir resumes the run from its last checkpoint. Several processes: set
+--coordinator_address, --num_processes and --process_id (or JAXKD_COORDINATOR, ...).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (FILE.py:PRESET).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's id (multi-process runs).")
+
+
+def fail(message: str) -> None:
+  print(f"jaxkd: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if FLAGS.config is None:
+    fail("--config is required, e.g. --config configs/quickstart.py")
+  if not FLAGS.workdir:
+    fail("--workdir is required: the folder for checkpoints, metrics and results.")
+  # Imported here so that `--help` and flag errors stay fast.
+  import jax
+  from jaxkd import config as jconfig
+  from jaxkd import sharding
+  from jaxkd import suite
+  from jaxkd import train
+
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  config = FLAGS.config
+  try:
+    if config.get("suite"):
+      suite.validate(config, device_count=jax.device_count())
+    else:
+      jconfig.validate(config, device_count=jax.device_count())
+  except jconfig.ConfigError as e:
+    fail(str(e))
+  try:
+    if config.get("suite"):
+      suite.run(config, FLAGS.workdir)
+    else:
+      summary = train.train_and_evaluate(config, FLAGS.workdir)
+      print(f"best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), "
+            f"last {summary['last_top1']:.2f}%; results in {FLAGS.workdir}/summary.json",
+            flush=True)
+  except train.TrainingDiverged as e:
+    print(f"jaxkd: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  app.run(main)

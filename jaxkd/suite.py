@@ -1,0 +1,100 @@
+"""A sequence of runs in one command (the quickstart): a teacher, then students that use it.
+
+A suite config is a normal config plus `suite` (the run names, in order) and `runs` (each
+run's overrides of the shared fields). Each run trains in `workdir/<name>`; a string
+"{workdir}" in any override is replaced by the suite's workdir, so a student names its
+teacher as "{workdir}/teacher/model". Every run resumes independently, so an interrupted
+suite continues where it stopped. At the end one table of test top-1 per run is printed and
+written to `workdir/summary.md` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxkd import config as jconfig
+
+
+def _update(base: dict, overrides: dict) -> dict:
+  for k, v in overrides.items():
+    if isinstance(v, dict) and isinstance(base.get(k), dict):
+      _update(base[k], v)
+    else:
+      base[k] = v
+  return base
+
+
+def _substitute(tree: Any, workdir: str) -> Any:
+  if isinstance(tree, dict):
+    return {k: _substitute(v, workdir) for k, v in tree.items()}
+  if isinstance(tree, str):
+    return tree.replace("{workdir}", workdir)
+  return tree
+
+
+def expand(config: ml_collections.ConfigDict, workdir: str
+           ) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """[(run name, its full config)] in order."""
+  shared = config.to_dict()
+  order, runs = shared.pop("suite"), shared.pop("runs")
+  out = []
+  for name in order:
+    if name not in runs:
+      raise jconfig.ConfigError(f"suite names run {name!r} but config.runs has no entry for it.")
+    merged = _substitute(_update(copy.deepcopy(shared), runs[name]), os.path.abspath(workdir))
+    out.append((name, ml_collections.ConfigDict(merged)))
+  return out
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
+  """Validates every run; a teacher made by an earlier run of the suite need not exist yet."""
+  produced = set()
+  for name, run in expand(config, "/nonexistent-workdir"):
+    checkpoint = run.teacher.checkpoint
+    if run.mode == "distill" and checkpoint in produced:
+      run.mode = "teacher"  # the teacher comes from this suite: validate the rest only
+      run.loss.base, run.loss.weighting = "ce", "none"
+    jconfig.validate(run, device_count=device_count)
+    produced.add(f"/nonexistent-workdir/{name}/model")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  from jaxkd import train  # deferred: the heavy imports
+
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  for name, run_config in expand(config, workdir):
+    print(f"== {name}: {run_config.mode} {run_config.model} ({run_config.method})", flush=True)
+    start = time.perf_counter()
+    summary = train.train_and_evaluate(run_config, os.path.join(workdir, name))
+    rows.append({"run": name, "mode": run_config.mode, "model": run_config.model,
+                 "method": run_config.method, "best_top1": summary["best_top1"],
+                 "last_top1": summary["last_top1"], "best_epoch": summary["best_epoch"],
+                 "seconds": time.perf_counter() - start,
+                 "images_per_sec": summary.get("images_per_sec")})
+  table = format_table(rows, jax.devices()[0].device_kind)
+  print("\n" + table, flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(table + "\n")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+def format_table(rows: list[dict[str, Any]], device: str) -> str:
+  lines = [f"Test top-1 per run ({device}; wall-clock includes compilation and evaluation)", "",
+           "| run | model | method | best top-1 | last top-1 | time |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['run']} | {r['model']} | {r['method']} | {r['best_top1']:.2f} | "
+                 f"{r['last_top1']:.2f} | {r['seconds']:.0f} s |")
+  return "\n".join(lines)

@@ -1,0 +1,640 @@
+"""Training: the train state, the jitted sharded train and eval steps, and the loop.
+
+Three modes (METHODS Part I, DESIGN "Training"):
+  teacher       supervised training of any model (CE; its result is a teacher for `distill`);
+  distill       two-stage KD: a frozen teacher, restored from an orbax checkpoint, runs in
+                inference mode inside the same jitted step, under stop_gradient;
+  self_distill  one-stage PS-KD: the model's own previous-epoch predictions, kept per example
+                in the train state, are the soft targets; optionally with IPW weights.
+
+One pure `train_step(state, batch, teacher_variables)` is jitted over a data-parallel mesh of
+all devices (parameters replicated, batch sharded on its first axis, state donated). The
+global batch is the recipe's; the results do not depend on the number of devices or processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxkd import data as jdata
+from jaxkd import models
+from jaxkd import objectives
+from jaxkd import run_checkpoint
+from jaxkd import sharding
+
+MODES = ("teacher", "distill", "self_distill")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or inf; the last good checkpoint is untouched."""
+
+
+# ---------------------------------------------------------------------------------------------
+# State and optimiser.
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly; all of it is checkpointed.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: {"model": ..., "aux_head": ... (IPWD only)}, float32.
+    batch_stats: the model's BatchNorm running statistics.
+    opt_state: optax state.
+    rng: uint32 [2], the run's key (per-step keys are folded from it with the step).
+    nonfinite_step: int32, the first step whose loss was not finite (−1 while none was). Such
+      a step leaves the state unchanged, so a checkpoint is never poisoned.
+    predictions: self_distill only: float32 [index_size, C], the last softmax prediction for
+      every training example (zeros before it was first seen); None otherwise.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_step: jax.Array
+  predictions: Any = None
+
+
+def learning_rate_schedule(base_lr: float, milestones, decay: float, steps_per_epoch: int,
+                           warmup_epochs: float = 0.0):
+  """Step decay as mdistiller/RepDistiller: lr = base · decay^k, k = #milestones < epoch.
+
+  Epochs count from 1 and the milestone epochs themselves still use the previous rate, so
+  with milestones (150, 180, 210) the rate drops at the start of epochs 151, 181 and 211.
+  An optional linear warm-up over `warmup_epochs` (0 in the published recipes).
+  """
+  boundaries = jnp.asarray([m * steps_per_epoch for m in milestones] or [np.iinfo(np.int32).max])
+  warmup_steps = warmup_epochs * steps_per_epoch
+
+  def schedule(count):
+    k = jnp.sum(count >= boundaries)
+    lr = base_lr * decay ** k
+    if warmup_steps:
+      lr = lr * jnp.minimum(1.0, (count + 1) / warmup_steps)
+    return lr
+
+  return schedule
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int):
+  """SGD with momentum and L2 weight decay on every parameter, as PyTorch's SGD applies it
+  (g + wd·p, then the momentum buffer), and the step schedule."""
+  if opt.name != "sgd":
+    raise ValueError(f"optimizer.name must be 'sgd', got {opt.name!r}.")
+  schedule = learning_rate_schedule(opt.lr, tuple(opt.milestones), opt.decay, steps_per_epoch,
+                                    opt.get("warmup_epochs", 0.0))
+  tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                   optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
+  return tx, schedule
+
+
+class AuxHead(nn.Module):
+  """IPWD's auxiliary linear classifier on the penultimate features (trained by CE only)."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features):
+    return nn.Dense(self.num_classes, name="fc")(features.astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """The static pieces a train step closes over."""
+  model: nn.Module
+  loss: objectives.LossConfig
+  mode: str
+  tx: optax.GradientTransformation
+  schedule: Any
+  steps_per_epoch: int
+  num_epochs: int
+  num_classes: int
+  aux_head: nn.Module | None = None
+  teacher: nn.Module | None = None
+  pskd_alpha: float = 0.8
+  ipw_start_epoch: int = 1
+
+
+def train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
+               teacher_variables: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch. Pure; jit it with `fns` bound.
+
+  Args:
+    fns: static configuration.
+    state: the train state (donated).
+    batch: {"image": float32 [B, H, W, C] normalised, "label": int32 [B], "index": int32 [B]}.
+    teacher_variables: the frozen teacher's {"params", "batch_stats"} (distill), else None.
+
+  Returns:
+    (new state, metrics of this step, scalars).
+  """
+  images, labels = batch["image"], batch["label"]
+  epoch = state.step // fns.steps_per_epoch + 1                # counted from 1
+  teacher_logits = previous = None
+  if fns.mode == "distill":
+    teacher_logits = jax.lax.stop_gradient(
+        fns.teacher.apply(teacher_variables, images, train=False))
+  elif fns.mode == "self_distill":
+    previous = state.predictions[batch["index"]]
+    unseen = jnp.sum(previous, axis=-1, keepdims=True) <= 0
+    previous = jnp.where(unseen, jax.nn.one_hot(labels, fns.num_classes), previous)
+
+  def loss_fn(params):
+    (logits, features), updates = fns.model.apply(
+        {"params": params["model"], "batch_stats": state.batch_stats}, images, train=True,
+        return_features=True, mutable=["batch_stats"])
+    aux_logits = None
+    if fns.aux_head is not None:
+      if fns.loss.aux_head_stop_gradient:
+        features = jax.lax.stop_gradient(features)
+      aux_logits = fns.aux_head.apply({"params": params["aux_head"]}, features)
+    if fns.mode == "self_distill":
+      alpha = objectives.pskd_alpha(fns.pskd_alpha, epoch, fns.num_epochs)
+      loss, metrics = objectives.self_distillation_loss(
+          fns.loss, logits, previous, labels, alpha=alpha,
+          use_ipw=epoch >= fns.ipw_start_epoch, aux_logits=aux_logits)
+    else:
+      loss, metrics = objectives.distillation_loss(
+          fns.loss, logits, teacher_logits, labels, epoch=epoch, aux_logits=aux_logits)
+    return loss, (metrics, updates["batch_stats"], logits)
+
+  (loss, (metrics, batch_stats, logits)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  # A non-finite loss leaves the state as it was and records the step: the loop stops with
+  # a clear error, and no checkpoint ever holds NaNs.
+  finite = jnp.isfinite(loss)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  predictions = state.predictions
+  if fns.mode == "self_distill":
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
+    predictions = keep(predictions.at[batch["index"]].set(probs), predictions)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
+                               state.nonfinite_step),
+      predictions=predictions)
+  metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+  metrics["lr"] = fns.schedule(state.step)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return new_state, metrics
+
+
+def eval_step(model: nn.Module, num_classes: int, variables: Any,
+              batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums over a batch of: top-1/top-5 hits, CE, examples, per-class hits and counts.
+
+  Padding rows (`mask` False) count nowhere.
+  """
+  logits = model.apply(variables, batch["image"], train=False)
+  labels = batch["label"]
+  mask = batch.get("mask", jnp.ones(labels.shape, bool))
+  k = min(5, num_classes)
+  topk = jax.lax.top_k(logits, k)[1]
+  hit1 = (topk[:, 0] == labels) & mask
+  hit5 = jnp.any(topk == labels[:, None], axis=-1) & mask
+  logp = jax.nn.log_softmax(logits)
+  ce = -jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]
+  return {
+      "top1": jnp.sum(hit1), "top5": jnp.sum(hit5), "count": jnp.sum(mask),
+      "ce": jnp.sum(jnp.where(mask, ce, 0.0)),
+      "class_hits": jax.ops.segment_sum(hit1.astype(jnp.int32), labels, num_classes),
+      "class_count": jax.ops.segment_sum(mask.astype(jnp.int32), labels, num_classes),
+  }
+
+
+def summarize_eval(sums: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Percentages from accumulated eval sums; per-class recall as a list (NaN: no examples)."""
+  n = max(int(sums["count"]), 1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    recall = 100.0 * sums["class_hits"] / sums["class_count"]
+  return {"top1": 100.0 * float(sums["top1"]) / n, "top5": 100.0 * float(sums["top5"]) / n,
+          "ce": float(sums["ce"]) / n, "count": int(sums["count"]),
+          "per_class_recall": [None if math.isnan(r) else round(float(r), 4) for r in recall]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric writer: JSON lines always, TensorBoard when tensorboardX is there.
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`), process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if not self.active:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:
+      pass
+
+  def write(self, step: int, scalars: dict[str, Any], prefix: str = "") -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), **{prefix + k: v for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(prefix + k, v, step)
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment: everything built from a config.
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _loss_fields(config) -> dict[str, Any]:
+  fields = dict(config.loss)
+  if config.mode == "teacher":
+    fields.update(base="ce", weighting="none", ce_weight=1.0)
+  return fields
+
+
+class Experiment:
+  """Builds data, models, optimizer and step functions from a (validated) config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.mesh = sharding.make_mesh(devices)
+    sharding.check_global_batch(config.batch_size, self.mesh)
+    self.loss = objectives.loss_config(_loss_fields(config))
+    self._build_data()
+    self._build_models()
+    self.tx, self.schedule = make_optimizer(config.optimizer, self.steps_per_epoch)
+    self.fns = StepFns(
+        model=self.model, loss=self.loss, mode=config.mode, tx=self.tx, schedule=self.schedule,
+        steps_per_epoch=self.steps_per_epoch, num_epochs=config.num_epochs,
+        num_classes=self.num_classes, aux_head=self.aux_head, teacher=self.teacher,
+        pskd_alpha=config.self_distill.alpha_final,
+        ipw_start_epoch=config.self_distill.ipw_start_epoch)
+
+  # -- data -----------------------------------------------------------------------------------
+
+  def _build_data(self):
+    c = self.config.dataset
+    self.ds_spec = jdata.spec(c.name, **dict(c.get("spec_overrides", {})))
+    self.num_classes = self.ds_spec.num_classes
+    data_dir = jdata.ensure_prepared(c.name, c.data_dir)
+    self.device_resident = (c.input == "device" or (c.input == "auto"
+                                                     and self.ds_spec.fits_on_device))
+    common = dict(global_batch=self.config.batch_size, seed=self.config.seed,
+                  ds_spec=self.ds_spec)
+    lt = dict(long_tail_factor=c.get("long_tail_factor"), long_tail_seed=c.get("long_tail_seed", 0))
+    if self.device_resident:
+      self.train_iter = jdata.device_loader(c.name, data_dir=data_dir, mesh=self.mesh, train=True,
+                                            **common, **lt)
+    else:
+      self.train_iter = jdata.host_iterator(c.name, data_dir=data_dir, train=True,
+                                            worker_count=c.num_workers, **common, **lt)
+    eval_batch = self.config.eval_batch_size
+    sharding.check_global_batch(eval_batch, self.mesh)
+    if self.device_resident:
+      self.eval_iter_fn = lambda: jdata.device_loader(
+          c.name, data_dir=data_dir, mesh=self.mesh, train=False, global_batch=eval_batch,
+          ds_spec=self.ds_spec, arrays=self._eval_arrays)
+      self._eval_arrays = jdata.load_arrays(c.name, self.ds_spec.eval_split, data_dir)
+    else:
+      self.eval_iter_fn = lambda: jdata.host_iterator(
+          c.name, data_dir=data_dir, train=False, global_batch=eval_batch, ds_spec=self.ds_spec,
+          worker_count=c.num_workers)
+    self.steps_per_epoch = self.train_iter.steps_per_epoch
+    self.total_steps = self.config.num_epochs * self.steps_per_epoch
+    if self.config.get("max_steps"):
+      self.total_steps = min(self.total_steps, self.config.max_steps)
+
+  def next_train_batch(self) -> dict[str, jax.Array]:
+    batch = next(self.train_iter)
+    return batch if self.device_resident else jdata.shard_batch(batch, self.mesh)
+
+  def eval_batches(self):
+    it = self.eval_iter_fn()
+    try:
+      for batch in it:
+        yield batch if self.device_resident else jdata.shard_batch(batch, self.mesh)
+    finally:
+      if hasattr(it, "close"):
+        it.close()
+
+  # -- models ---------------------------------------------------------------------------------
+
+  def _build_models(self):
+    c = self.config
+    self.model = models.create(c.model, self.num_classes, dtype=_dtype(c.dtype))
+    self.aux_head = AuxHead(self.num_classes) if self.loss.needs_aux_head else None
+    self.teacher = self.teacher_variables = None
+    if c.mode == "distill":
+      variables, meta = run_checkpoint.restore_model_variables(os.path.abspath(c.teacher.checkpoint))
+      name = meta.get("model", c.teacher.model)
+      if c.teacher.model and models.spec(name).name != models.spec(c.teacher.model).name:
+        raise ValueError(f"teacher checkpoint {c.teacher.checkpoint} holds a {name}, but "
+                         f"config.teacher.model is {c.teacher.model}.")
+      self.teacher = models.create(name, self.num_classes, dtype=_dtype(c.dtype))
+      self.teacher_variables = sharding.put_replicated(variables, self.mesh)
+
+  def init_state(self) -> TrainState:
+    """A fresh state, born replicated on the mesh."""
+    c = self.config
+    key = jax.random.PRNGKey(c.seed)
+    image = jnp.zeros((1, *self.ds_spec.image_shape), jnp.float32)
+    feature_dim = models.feature_dim(c.model)
+    index_size = self.train_iter.index_size
+
+    def init(key):
+      k_model, k_aux = jax.random.split(key)
+      variables = self.model.init(k_model, image, train=False)
+      params = {"model": variables["params"]}
+      if self.aux_head is not None:
+        params["aux_head"] = self.aux_head.init(k_aux, jnp.zeros((1, feature_dim)))["params"]
+      predictions = None
+      if c.mode == "self_distill":
+        predictions = jnp.zeros((index_size, self.num_classes), jnp.float32)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        batch_stats=variables.get("batch_stats", {}),
+                        opt_state=self.tx.init(params), rng=key,
+                        nonfinite_step=jnp.full((), -1, jnp.int32), predictions=predictions)
+
+    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))(key)
+
+  # -- compiled steps -------------------------------------------------------------------------
+
+  @functools.cached_property
+  def p_train_step(self):
+    repl = sharding.replicated(self.mesh)
+    return jax.jit(functools.partial(train_step, self.fns), donate_argnums=(0,),
+                   out_shardings=(repl, repl))
+
+  @functools.cached_property
+  def p_eval_step(self):
+    return jax.jit(functools.partial(eval_step, self.model, self.num_classes),
+                   out_shardings=sharding.replicated(self.mesh))
+
+  @functools.cached_property
+  def p_teacher_eval_step(self):
+    return jax.jit(functools.partial(eval_step, self.teacher, self.num_classes),
+                   out_shardings=sharding.replicated(self.mesh))
+
+  def evaluate(self, variables, step_fn=None) -> dict[str, Any]:
+    step_fn = step_fn or self.p_eval_step
+    sums = None
+    for batch in self.eval_batches():
+      out = step_fn(variables, batch)
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    return summarize_eval(jax.device_get(sums))
+
+
+def model_variables(state: TrainState) -> dict[str, Any]:
+  """The deployable model's variables (no auxiliary head)."""
+  return {"params": state.params["model"], "batch_stats": state.batch_stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _versions() -> dict[str, str]:
+  import importlib.metadata as md
+  out = {}
+  for pkg in ("jaxkd", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+              "tensorflow-datasets", "grain"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def _save_run_info(config, workdir: str, exp: Experiment) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  info = {"versions": _versions(), "devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind, "process_count": jax.process_count(),
+          "global_batch": config.batch_size, "steps_per_epoch": exp.steps_per_epoch,
+          "total_steps": exp.total_steps, "device_resident_input": exp.device_resident,
+          "python": sys.version.split()[0]}
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(info, f, indent=1)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class _Progress:
+  """A progress bar with images/s (compile excluded) and ETA on process 0's terminal."""
+
+  def __init__(self, total: int, initial: int, batch: int, enabled: bool):
+    self.batch = batch
+    self.bar = None
+    if enabled and jax.process_index() == 0:
+      try:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr)
+      except ImportError:
+        pass
+    self.t0 = self.s0 = None
+
+  def update(self, step: int, postfix: dict[str, Any] | None = None) -> float | None:
+    """Advances to `step`; returns images/s since the first (compiled) step, if known."""
+    now = time.perf_counter()
+    if self.t0 is None:
+      self.t0, self.s0 = now, step
+      rate = None
+    else:
+      rate = (step - self.s0) * self.batch / max(now - self.t0, 1e-9)
+    if self.bar is not None:
+      self.bar.n = step
+      if rate is not None:
+        left = (self.bar.total - step) * self.batch / max(rate, 1e-9)
+        self.bar.set_postfix({"img/s": f"{rate:,.0f}", "eta": f"{left/60:.1f}min",
+                              **(postfix or {})}, refresh=False)
+      self.bar.refresh()
+    return rate
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices=None) -> dict[str, Any]:
+  """Trains (or resumes) the run of `config` in `workdir` and returns its summary.
+
+  `devices` (default: all) builds the mesh from a subset, for tests and benchmarks.
+
+  The summary (also `workdir/summary.json`): best and last top-1/top-5, the best epoch,
+  per-class recall of the last and best evaluations, the teacher's accuracy, images/s.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  exp = Experiment(config, workdir, devices)
+  _save_run_info(config, workdir, exp)
+  writer = MetricWriter(workdir)
+  manager = run_checkpoint.run_manager(os.path.join(workdir, "checkpoints"),
+                                   keep=config.checkpoint.keep)
+  state = exp.init_state()
+  summary: dict[str, Any] = {"best_top1": None, "best_epoch": None, "history": []}
+  latest = manager.latest_step()
+  if latest is not None:
+    state, meta = run_checkpoint.restore_run(manager, latest, state)
+    summary = meta["summary"]
+    exp.train_iter.set_state(meta["data"])
+    print(f"Resumed from {manager.directory}/{latest} (step {int(state.step)}).", flush=True)
+  start = int(state.step)
+
+  if exp.teacher is not None and summary.get("teacher") is None:
+    summary["teacher"] = {k: v for k, v in exp.evaluate(
+        exp.teacher_variables, exp.p_teacher_eval_step).items() if k != "per_class_recall"}
+    writer.write(start, summary["teacher"], prefix="teacher/")
+    print(f"Teacher top-1 {summary['teacher']['top1']:.2f}%", flush=True)
+
+  def save(step: int, *, block: bool = False):
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      return
+    run_checkpoint.save_run(manager, step, state,
+                        {"data": exp.train_iter.get_state(), "summary": summary})
+    if block:
+      manager.wait_until_finished()
+
+  def check_finite():
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      manager.wait_until_finished()
+      last = manager.latest_step()
+      where = (f"the last good checkpoint is {manager.directory}/{last} (intact); restart with "
+               f"the same --workdir to resume from it after fixing the cause (e.g. a lower "
+               f"learning rate)" if last is not None else "no checkpoint had been written yet")
+      raise TrainingDiverged(f"The loss became NaN or inf at step {bad}; {where}.")
+
+  cfg_ckpt = config.checkpoint
+  every = cfg_ckpt.every_steps or exp.steps_per_epoch
+  log_every = max(1, config.log_every_steps)
+  progress = _Progress(exp.total_steps, start, config.batch_size, config.progress_bar)
+  interrupted = False
+  previous_handler = signal.getsignal(signal.SIGINT)
+  # Ctrl-C: finish the step in flight, save, and exit (a second Ctrl-C aborts at once).
+  def on_sigint(signum, frame):
+    nonlocal interrupted
+    if interrupted:
+      signal.signal(signal.SIGINT, previous_handler)
+      raise KeyboardInterrupt
+    interrupted = True
+  if jax.process_count() == 1:
+    signal.signal(signal.SIGINT, on_sigint)
+
+  rate = None
+  pending = []
+  try:
+    for step in range(start, exp.total_steps):
+      batch = exp.next_train_batch()
+      state, metrics = exp.p_train_step(state, batch, exp.teacher_variables)
+      pending.append(metrics)
+      done = step + 1
+      if done % log_every == 0 or done == exp.total_steps:
+        scalars = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        pending = []
+        check_finite()
+        rate = progress.update(done, {"loss": f"{scalars['loss']:.3f}"})
+        if rate is not None:
+          scalars["images_per_sec"] = rate
+        writer.write(done, scalars, prefix="train/")
+      epoch_end = done % exp.steps_per_epoch == 0
+      if epoch_end or done == exp.total_steps:
+        epoch = math.ceil(done / exp.steps_per_epoch)
+        if epoch % config.eval_every_epochs == 0 or done == exp.total_steps:
+          check_finite()
+          result = exp.evaluate(model_variables(state))
+          record = {"epoch": epoch, "step": done, "top1": result["top1"], "top5": result["top5"]}
+          summary["history"].append(record)
+          summary["last"] = result
+          if summary["best_top1"] is None or result["top1"] > summary["best_top1"]:
+            summary["best_top1"], summary["best_epoch"] = result["top1"], epoch
+            summary["best"] = result
+          writer.write(done, {k: v for k, v in result.items() if k != "per_class_recall"},
+                       prefix="eval/")
+          _write_json(os.path.join(workdir, "eval_last.json"), {"epoch": epoch, **result})
+          if summary["best_epoch"] == epoch:
+            _write_json(os.path.join(workdir, "eval_best.json"), {"epoch": epoch, **result})
+      if done % every == 0 or done == exp.total_steps:
+        save(done)
+      if interrupted:
+        break
+  except KeyboardInterrupt:
+    interrupted = True
+  finally:
+    signal.signal(signal.SIGINT, previous_handler) if jax.process_count() == 1 else None
+    progress.close()
+
+  if interrupted:
+    step = int(state.step)
+    if manager.latest_step() != step:
+      save(step, block=True)
+    manager.wait_until_finished()
+    writer.close()
+    print(f"Interrupted: saved step {step} in {manager.directory}; rerun with the same "
+          f"--workdir to resume.", flush=True)
+    raise KeyboardInterrupt
+  manager.wait_until_finished()
+  manager.close()
+  check_finite()
+  # The deployable model (params + BN statistics), in the same format as the PyTorch
+  # converter's output: what a later `distill` run names as its teacher.
+  run_checkpoint.save_model_variables(os.path.join(workdir, "model"), model_variables(state),
+                                  model=models.spec(config.model).name,
+                                  num_classes=exp.num_classes, source=f"jaxkd run {workdir}")
+  final = {k: v for k, v in summary.items()}
+  final.update(last_top1=summary["last"]["top1"] if "last" in summary else None,
+               images_per_sec=rate, steps=int(state.step), model=config.model, mode=config.mode,
+               method=config.get("method"))
+  _write_json(os.path.join(workdir, "summary.json"), final)
+  writer.close()
+  return final

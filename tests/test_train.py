@@ -1,0 +1,295 @@
+"""The trainer and its command line: modes, methods, resume, devices, hosts, errors.
+
+Real Fashion-MNIST (Debian's files, prepared once per session) and tfds mock data; tiny
+models and a few steps, except the one real-learning test.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxkd import config as jconfig
+from jaxkd import data as jdata
+from jaxkd import models
+from jaxkd import run_checkpoint
+from jaxkd import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory):
+  """A real tfds fashion_mnist built from Debian's dataset-fashion-mnist files."""
+  if jdata.builders.debian_fashion_mnist_files() is None:
+    if os.environ.get("CI"):
+      pytest.fail("dataset-fashion-mnist is not installed; .ci/run installs it.")
+    pytest.skip("Debian package dataset-fashion-mnist is not installed "
+                "(apt-get install dataset-fashion-mnist)")
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  jdata.prepare("fashion_mnist", data_dir)
+  return data_dir
+
+
+def quick_config(data_dir, *, mode="teacher", method="ce", steps=6, batch=32, **overrides):
+  c = jconfig.default_config()
+  jconfig.apply_method(c, method)
+  c.mode = mode
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = data_dir
+  c.model = "quick_student"
+  c.teacher.model = "quick_teacher"
+  c.batch_size = batch
+  c.eval_batch_size = 1000
+  c.num_epochs = 1
+  c.max_steps = steps
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 3
+  c.progress_bar = False
+  c.optimizer.milestones = ()
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def read_metrics(workdir, prefix="train/loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r[prefix]) for r in rows if prefix in r]
+
+
+def load_params(workdir):
+  variables, _ = run_checkpoint.restore_model_variables(os.path.join(workdir, "model"))
+  return variables
+
+
+def assert_trees_equal(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if tol:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(fmnist_dir, tmp_path_factory):
+  """A quick teacher trained for a few steps (its quality does not matter here)."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  c = quick_config(fmnist_dir, model="quick_teacher", steps=4)
+  train.train_and_evaluate(c, workdir)
+  return os.path.join(workdir, "model")
+
+
+@pytest.mark.parametrize("mode,method", [
+    ("distill", "erdkd"), ("distill", "ipwd"), ("self_distill", "kd"), ("self_distill", "ipwd")])
+def test_modes_and_methods_run(fmnist_dir, teacher_dir, tmp_path, mode, method):
+  """The quickstart smoke covers teacher and distill with ce/kd/erkd/eakd/ipwd/dkd; these are
+  the rest (ER-DKD, PS-KD, PS-KD + IPW), with IPWD's head checked too."""
+  c = quick_config(fmnist_dir, mode=mode, method=method, **{"teacher.checkpoint": teacher_dir})
+  if mode == "self_distill":
+    c.self_distill.ipw_start_epoch = 1
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["steps"] == 6 and 0 <= summary["last_top1"] <= 100
+  losses = read_metrics(str(tmp_path))
+  assert len(losses) == 6 and all(np.isfinite(v) for _, v in losses)
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  if method == "ipwd":
+    assert any("train/weight_mean" in r for r in rows)
+    assert any("train/aux_ce" in r for r in rows)
+  if mode == "distill":
+    assert summary["teacher"]["count"] == 10_000
+  last = json.load(open(tmp_path / "eval_last.json"))
+  assert len(last["per_class_recall"]) == 10
+
+
+def test_cifar100_mock_data_through_the_cifar_config(tmp_path):
+  """A CIFAR preset on tfds mock data: the device-resident path with pad-crop-flip."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  try:
+    import cifar100 as cifar_config
+  finally:
+    sys.path.pop(0)
+  c = cifar_config.get_config("resnet8,smoke")
+  c.eval_batch_size = 64
+  with tfds.testing.mock_data(num_examples=128):
+    summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["steps"] == 3
+  assert json.load(open(tmp_path / "run_info.json"))["device_resident_input"] is True
+
+
+def test_host_pipeline_matches_device_path(fmnist_dir, tmp_path):
+  """The same run fed by the grain host pipeline and by the device-resident path: the
+  batches are identical by construction, so the losses agree."""
+  runs = {}
+  for source in ("host", "device"):
+    c = quick_config(fmnist_dir, steps=4, **{"dataset.input": source})
+    train.train_and_evaluate(c, str(tmp_path / source))
+    runs[source] = read_metrics(str(tmp_path / source))
+  np.testing.assert_allclose([v for _, v in runs["host"]], [v for _, v in runs["device"]],
+                             rtol=1e-5)
+
+
+def test_one_device_and_eight_devices_agree(fmnist_dir, tmp_path):
+  c = quick_config(fmnist_dir, steps=5)
+  train.train_and_evaluate(c, str(tmp_path / "one"), devices=jax.devices()[:1])
+  train.train_and_evaluate(c, str(tmp_path / "eight"))
+  one, eight = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "eight"))
+  np.testing.assert_allclose([v for _, v in one], [v for _, v in eight], rtol=1e-4)
+  assert_trees_equal(load_params(str(tmp_path / "one")), load_params(str(tmp_path / "eight")),
+                     rtol=1e-4, atol=1e-6)
+
+
+def test_real_learning_quick_teacher_one_epoch(fmnist_dir, tmp_path):
+  """One epoch of the quick teacher on real Fashion-MNIST reaches at least 85% test top-1."""
+  c = quick_config(fmnist_dir, model="quick_teacher", steps=0, batch=128)
+  c.log_every_steps = 100
+  c.checkpoint.every_steps = 0
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["steps"] == 60_000 // 128
+  assert summary["last_top1"] >= 85.0, summary["last_top1"]
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fmnist_dir, tmp_path):
+  c = quick_config(fmnist_dir, steps=12, **{"optimizer.lr": 1e12, "optimizer.momentum": 0.0})
+  c.checkpoint.every_steps = 1
+  with pytest.raises(train.TrainingDiverged, match=r"NaN or inf at step \d+") as info:
+    train.train_and_evaluate(c, str(tmp_path))
+  message = str(info.value)
+  mngr = run_checkpoint.run_manager(str(tmp_path / "checkpoints"))
+  last = mngr.latest_step()
+  if last is not None:
+    assert f"checkpoints/{last}" in message
+    state = train.Experiment(c, str(tmp_path)).init_state()
+    restored, _ = run_checkpoint.restore_run(mngr, last, state)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
+
+
+# --- subprocesses: the CLI, resume after SIGKILL, two hosts ---------------------------------
+
+
+def cli(args, env=None, **kwargs):
+  full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.run([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.model=resnet9000"], "unknown model 'resnet9000'"),
+    (["--config.method=superkd"], "unknown method 'superkd'"),
+    (["--config.dataset.name=mnist3d"], "unknown dataset"),
+    (["--config.batch_size=12"], "not divisible by the 8 devices"),
+    (["--config.loss.temperature=0.0"], "temperature must be positive"),
+    (["--config.teacher.checkpoint=/nonexistent/teacher"],
+     "python -m jaxkd.convert --model resnet56"),
+])
+def test_cli_rejects_bad_configs_with_exit_code_2(tmp_path, overrides, message):
+  """Validation runs before any data or compilation: no CIFAR data is needed to fail."""
+  cfg = os.path.join(REPO, "configs", "cifar100.py") + ":resnet56-resnet20,method=erkd"
+  base = ["--config", cfg, "--workdir", str(tmp_path / "never-created")]
+  if "teacher.checkpoint" not in overrides[0]:
+    base.append(f"--config.teacher.checkpoint={tmp_path}")  # exists; never read
+  result = cli(base + overrides,
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr, result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "never-created")
+
+
+def run_cli_config(workdir, data_dir, steps, extra=()):
+  return ["--config", os.path.join(REPO, "configs", "quickstart.py"),
+          "--workdir", workdir, f"--config.dataset.data_dir={data_dir}",
+          "--config.suite=('teacher',)", f"--config.max_steps={steps}",
+          "--config.checkpoint.every_steps=2", "--config.progress_bar=False",
+          "--config.log_every_steps=1", "--config.batch_size=32", *extra]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(fmnist_dir, tmp_path):
+  steps = 40
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  full = cli(run_cli_config(str(tmp_path / "full"), fmnist_dir, steps), env=env, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  workdir = str(tmp_path / "killed")
+  args = run_cli_config(workdir, fmnist_dir, steps)
+  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(workdir, "teacher", "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    if done and max(done) >= 6:
+      break
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert killed_at < steps, "the run had finished before the kill"
+  assert not os.path.exists(os.path.join(workdir, "teacher", "model"))
+
+  resumed = cli(args, env=env, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from" in resumed.stdout
+  assert_trees_equal(load_params(str(tmp_path / "full" / "teacher")),
+                     load_params(os.path.join(workdir, "teacher")))
+  full_losses = dict(read_metrics(str(tmp_path / "full" / "teacher")))
+  resumed_losses = dict(read_metrics(os.path.join(workdir, "teacher")))
+  for step in range(killed_at + 1, steps + 1):
+    assert resumed_losses[step] == full_losses[step]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(fmnist_dir, tmp_path):
+  """Two processes on localhost (4 CPU devices each) train a few steps like one process
+  with 8 devices: the same global batches, the same losses."""
+  steps = 4
+  single = cli(run_cli_config(str(tmp_path / "single"), fmnist_dir, steps),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = free_port()
+  procs = []
+  for pid in range(2):
+    args = run_cli_config(str(tmp_path / "multi"), fmnist_dir, steps, extra=(
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one = read_metrics(str(tmp_path / "single" / "teacher"))
+  two = read_metrics(str(tmp_path / "multi" / "teacher"))
+  assert len(one) == len(two) == steps
+  np.testing.assert_allclose([v for _, v in one], [v for _, v in two], rtol=1e-4)
+
+
+def test_quickstart_smoke_end_to_end(fmnist_dir, tmp_path):
+  """The README's main job with the :smoke preset: teacher, then six students, one table."""
+  result = cli(["--config", os.path.join(REPO, "configs", "quickstart.py") + ":smoke",
+                "--workdir", str(tmp_path), f"--config.dataset.data_dir={fmnist_dir}",
+                "--config.progress_bar=False"], timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.load(open(tmp_path / "summary.json"))
+  assert [r["run"] for r in rows] == ["teacher", "ce", "kd", "erkd", "eakd", "ipwd", "dkd"]
+  assert "| teacher | quick_teacher | ce |" in result.stdout
+  assert all(0 <= r["best_top1"] <= 100 for r in rows)
