@@ -1,0 +1,430 @@
+"""Preparing tfds datasets as array_record, without TensorFlow, online or from local files.
+
+Each builder here subclasses tfds's own (`FashionMNIST`, `Cifar100`, imagenet2012's
+`Builder`), keeps its registered name, version and features, and replaces only what reads
+the raw files, which tfds does with `tf.io.gfile` / TensorFlow ops: here plain Python
+(gzip, tarfile, numpy, a restricted unpickler, PIL). What gets written is exactly what
+`tfds.data_source(name, data_dir=...)` reads with tfds's registered builder.
+
+Sources, in order: `manual_dir` (files the user has); for Fashion-MNIST, the files of
+Debian's `dataset-fashion-mnist` package; then tfds's download, only after a short probe
+finds the download host reachable (offline, tfds would retry DNS for minutes).
+"""
+
+import gzip
+import io
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import tarfile
+import threading
+import urllib.parse
+from typing import Iterator
+
+import numpy as np
+
+from jaxkd.data import datasets
+
+# ------------------------------------------------------------------------------------------
+# Raw file readers (plain Python).
+# ------------------------------------------------------------------------------------------
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An IDX file (LeCun's MNIST format, optionally gzipped) as a uint8 array.
+
+  Header: two zero bytes, a type byte (0x08 = uint8), the number of dimensions, then one
+  big-endian uint32 size per dimension.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    if data[:2] == b"\x1f\x8b":  # gzip's magic number (tfds names downloads its own way)
+      data = gzip.decompress(data)
+  except (OSError, EOFError) as e:
+    raise datasets.BadDataError(f"Cannot read IDX file {path}: {e}") from e
+  if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+    raise datasets.BadDataError(f"{path} is not a uint8 IDX file (header {data[:4]!r}).")
+  ndim = data[3]
+  shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+  offset = 4 + 4 * ndim
+  if len(data) - offset != int(np.prod(shape)):
+    raise datasets.BadDataError(f"IDX file {path} holds {len(data) - offset} bytes of data "
+                                f"for shape {shape}; it is truncated or corrupted.")
+  return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
+
+
+def debian_fashion_mnist_files() -> dict[str, str] | None:
+  """The IDX files of Debian's `dataset-fashion-mnist` package, found with `dpkg -L`."""
+  try:
+    out = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True,
+                         text=True, timeout=10, check=False).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  by_name = {os.path.basename(p): p for p in out.split() if p.endswith("-ubyte.gz")}
+  files = {k: by_name.get(v + ".gz") for k, v in _IDX_FILES.items()}
+  if not all(files.values()) or not all(os.path.exists(p) for p in files.values()):
+    return None
+  return files
+
+
+def find_idx_files(directory: str) -> dict[str, str] | None:
+  """The four Fashion-MNIST IDX files in `directory` (gzipped or not), or None."""
+  files = {}
+  for key, stem in _IDX_FILES.items():
+    for candidate in (stem + ".gz", stem):
+      if os.path.exists(os.path.join(directory, candidate)):
+        files[key] = os.path.join(directory, candidate)
+        break
+  return files if len(files) == len(_IDX_FILES) else None
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Unpickles CIFAR's python batches (dicts of lists, bytes and numpy arrays) and nothing
+  else: pickle can run arbitrary code, and the archive comes from outside."""
+
+  # The official batches are Python 2 pickles; a Python 3 protocol-2 re-pickle spells
+  # bytes with _codecs.encode.
+  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+              ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+              ("numpy", "dtype"), ("_codecs", "encode")}
+
+  def find_class(self, module, name):
+    if (module, name) in self._ALLOWED:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(f"CIFAR archive refers to {module}.{name}, which a CIFAR "
+                                 "batch never does.")
+
+
+def _cifar_python(members: dict[str, bytes], path: str) -> dict:
+  """Arrays of the python-version archive (`cifar-100-python/{train,test,meta}`)."""
+  out = {}
+  meta = _CifarUnpickler(io.BytesIO(members["meta"]), encoding="bytes").load()
+  out["fine_names"] = [n.decode() for n in meta[b"fine_label_names"]]
+  out["coarse_names"] = [n.decode() for n in meta[b"coarse_label_names"]]
+  for split in ("train", "test"):
+    d = _CifarUnpickler(io.BytesIO(members[split]), encoding="bytes").load()
+    data = np.asarray(d[b"data"], np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+      raise datasets.BadDataError(f"{path}: '{split}' data has shape {data.shape}; "
+                                  "expected (N, 3072).")
+    out[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+                  np.asarray(d[b"fine_labels"], np.int64),
+                  np.asarray(d[b"coarse_labels"], np.int64))
+  return out
+
+
+def _cifar_binary(members: dict[str, bytes], path: str) -> dict:
+  """Arrays of the binary-version archive: records of <coarse><fine><3072 bytes CHW>."""
+  out = {"fine_names": members["fine_label_names.txt"].decode().split(),
+         "coarse_names": members["coarse_label_names.txt"].decode().split()}
+  for split in ("train", "test"):
+    raw = np.frombuffer(members[split + ".bin"], np.uint8)
+    if raw.size % 3074:
+      raise datasets.BadDataError(f"{path}: {split}.bin has {raw.size} bytes, not a "
+                                  "multiple of 3074; it is truncated.")
+    rec = raw.reshape(-1, 3074)
+    out[split] = (rec[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+                  rec[:, 1].astype(np.int64), rec[:, 0].astype(np.int64))
+  return out
+
+
+_CIFAR_PYTHON = ("train", "test", "meta")
+_CIFAR_BINARY = ("train.bin", "test.bin", "fine_label_names.txt", "coarse_label_names.txt")
+
+
+def read_cifar100(path: str) -> dict:
+  """CIFAR-100 from the python or binary archive (a .tar.gz, or its extracted folder).
+
+  Returns:
+    {'train': (images uint8 [N,32,32,3], fine int [N], coarse int [N]), 'test': (...),
+     'fine_names': [100 str], 'coarse_names': [20 str]}, in the archive's record order
+    (the order tfds's ids `train_00000`... follow; both archives of the release hold the
+    images in the same order).
+  """
+  members = {}
+  try:
+    if os.path.isdir(path):
+      for root, _, names in os.walk(path):
+        for n in names:
+          if n in _CIFAR_PYTHON + _CIFAR_BINARY:
+            with open(os.path.join(root, n), "rb") as f:
+              members[n] = f.read()
+    else:
+      with tarfile.open(path, "r:*") as tar:
+        for m in tar:
+          n = os.path.basename(m.name)
+          if m.isfile() and n in _CIFAR_PYTHON + _CIFAR_BINARY:
+            members[n] = tar.extractfile(m).read()
+  except (OSError, tarfile.TarError, EOFError) as e:
+    raise datasets.BadDataError(f"Cannot read CIFAR-100 archive {path}: {e}") from e
+  try:
+    if all(k in members for k in _CIFAR_PYTHON):
+      return _cifar_python(members, path)
+    if all(k in members for k in _CIFAR_BINARY):
+      return _cifar_binary(members, path)
+  except (KeyError, pickle.UnpicklingError, EOFError, ValueError) as e:
+    raise datasets.BadDataError(f"CIFAR-100 archive {path} is corrupted: {e}") from e
+  raise datasets.BadDataError(
+      f"{path} holds neither the CIFAR-100 python version ({', '.join(_CIFAR_PYTHON)}) nor "
+      f"the binary version ({', '.join(_CIFAR_BINARY)}); found {sorted(members) or 'none'}.")
+
+
+def find_cifar100_archive(directory: str) -> str | None:
+  for name in ("cifar-100-python.tar.gz", "cifar-100-binary.tar.gz", "cifar-100-python",
+               "cifar-100-binary"):
+    if os.path.exists(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return None
+
+
+def _iter_tar(path: str) -> Iterator[tuple[str, io.BufferedReader]]:
+  """(name, file object) of each file of a tar, streamed (tfds's reader opens it with TF)."""
+  with tarfile.open(path, "r|*") as tar:
+    for m in tar:
+      if m.isfile():
+        yield os.path.basename(m.name), tar.extractfile(m)
+
+
+def online(url: str | None, timeout: float = 3.0) -> bool:
+  """Whether the host of `url` accepts a TCP connection within `timeout` seconds.
+
+  Runs in a thread, because name resolution ignores socket timeouts.
+  """
+  if not url:
+    return False
+  parsed = urllib.parse.urlparse(url if "//" in url else "https://" + url)
+  port = parsed.port or (80 if parsed.scheme == "http" else 443)
+  result = []
+
+  def probe():
+    try:
+      socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+      result.append(True)
+    except OSError:
+      pass
+
+  t = threading.Thread(target=probe, daemon=True)
+  t.start()
+  t.join(timeout + 0.5)
+  return bool(result)
+
+
+# ------------------------------------------------------------------------------------------
+# Builders: tfds's own, with plain-Python readers.
+# ------------------------------------------------------------------------------------------
+
+
+def _builder_classes():
+  """Defined lazily: importing tfds's dataset modules costs time `import jaxkd` need not pay."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as inb  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common  # pylint: disable=g-import-not-at-top
+
+  class FashionMnist(tfds.image_classification.FashionMNIST, skip_registration=True):
+    """tfds `fashion_mnist` 3.0.1 from IDX files (`idx_files`), or downloaded."""
+    name = "fashion_mnist"
+    idx_files: dict[str, str] | None = None
+
+    def _split_generators(self, dl_manager):
+      files = self.idx_files
+      if files is None:  # tfds downloads the .gz files; reading them needs no extraction
+        files = dl_manager.download({k: self.URL + v + ".gz" for k, v in _IDX_FILES.items()})
+        files = {k: os.fspath(v) for k, v in files.items()}
+      return {"train": self._examples(files["train_images"], files["train_labels"]),
+              "test": self._examples(files["test_images"], files["test_labels"])}
+
+    def _examples(self, images_path, labels_path):
+      images, labels = read_idx(images_path), read_idx(labels_path)
+      if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise datasets.BadDataError(f"{images_path} / {labels_path}: images {images.shape} "
+                                    f"and labels {labels.shape} are not a 28x28 dataset.")
+      for i in range(len(labels)):
+        # PIL images: tfds encodes them to PNG with PIL (numpy images need TensorFlow).
+        yield i, {"image": PIL.Image.fromarray(images[i]), "label": int(labels[i])}
+
+  class Cifar100(tfds.image_classification.Cifar100, skip_registration=True):
+    """tfds `cifar100` 3.0.2 from the python or binary archive (`archive`), or downloaded."""
+    name = "cifar100"
+    archive: str | None = None
+
+    def _split_generators(self, dl_manager):
+      path = self.archive or os.fspath(dl_manager.download(self._cifar_info.url))
+      data = read_cifar100(path)
+      self.info.features["label"].names = data["fine_names"]
+      self.info.features["coarse_label"].names = data["coarse_names"]
+      return {"train": self._examples("train_", *data["train"]),
+              "test": self._examples("test_", *data["test"])}
+
+    def _examples(self, prefix, images, fine, coarse):
+      for i in range(len(fine)):
+        # Same keys and ids as tfds's generator: the index in the archive's record order.
+        yield i, {"id": f"{prefix}{i:05d}", "image": PIL.Image.fromarray(images[i]),
+                  "label": int(fine[i]), "coarse_label": int(coarse[i])}
+
+  class Imagenet2012(inb.Builder, skip_registration=True):
+    """tfds `imagenet2012` 5.1.0 from the ILSVRC2012 tars in `manual_dir`."""
+    name = "imagenet2012"
+    # README / citations / checksums come from tfds's own imagenet2012 folder.
+    pkg_dir_path = inb.Builder._get_pkg_dir_path()  # pylint: disable=protected-access
+
+    def _split_generators(self, dl_manager):
+      manual = os.fspath(dl_manager.manual_dir)
+      splits = {}
+      for split, fname in (("train", "ILSVRC2012_img_train.tar"),
+                           ("validation", "ILSVRC2012_img_val.tar"),
+                           ("test", "ILSVRC2012_img_test.tar")):
+        path = os.path.join(manual, fname)
+        if not os.path.exists(path):
+          continue
+        kwargs = {"archive": _iter_tar(path)}
+        if split == "validation":
+          kwargs["validation_labels"] = _validation_labels(path)
+        if split == "test":
+          kwargs["labels_exist"] = False
+        splits[split] = self._generate_examples(**kwargs)
+      if not splits:
+        raise datasets.DatasetNotFoundError(
+            f"No ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar or ILSVRC2012_img_test.tar "
+            f"in {manual}.")
+      return splits
+
+    def _fix_image(self, image_fname, image):
+      # tfds converts the 22 CMYK JPEGs and the one PNG with TensorFlow; PIL does the same.
+      if image_fname in inb.CMYK_IMAGES or image_fname in inb.PNG_IMAGES:
+        buf = io.BytesIO()
+        PIL.Image.open(image).convert("RGB").save(buf, format="JPEG", quality=100)
+        buf.seek(0)
+        return buf
+      return image
+
+  def _validation_labels(val_path):
+    # tfds's labels file lists the validation labels in the sorted order of file names.
+    path = tfds.core.tfds_path(imagenet_common._VALIDATION_LABELS_FNAME)  # pylint: disable=protected-access
+    with open(os.fspath(path)) as f:
+      labels = f.read().strip().splitlines()
+    with tarfile.open(val_path, "r:") as tar:
+      names = sorted(os.path.basename(n) for n in tar.getnames())
+    return dict(zip(names, labels))
+
+  return {"fashion_mnist": FashionMnist, "cifar100": Cifar100, "imagenet2012": Imagenet2012}
+
+
+# ------------------------------------------------------------------------------------------
+# prepare / ensure_prepared.
+# ------------------------------------------------------------------------------------------
+
+
+def is_prepared(name: str, data_dir: str | None = None) -> bool:
+  """Whether `name` is prepared in `data_dir` (any file format)."""
+  data_dir = datasets.resolve_data_dir(data_dir)
+  return datasets._builder(datasets.spec(name).name, data_dir).is_prepared()  # pylint: disable=protected-access
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
+            download: bool = True) -> str:
+  """Prepares tfds dataset `name` as array_record in `data_dir`; returns its folder.
+
+  Args:
+    name: "fashion_mnist", "cifar100" or "imagenet2012".
+    data_dir: tfds data dir (default `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    manual_dir: a folder with files the user has: Fashion-MNIST's four IDX files (.gz or
+      not); `cifar-100-python.tar.gz` or `cifar-100-binary.tar.gz` (or their extracted
+      folders); `ILSVRC2012_img_train.tar` and/or `ILSVRC2012_img_val.tar`.
+    download: allow tfds to download when no local files are found (after a probe of the
+      download host; never for ImageNet, which tfds cannot download).
+
+  Returns:
+    The dataset's version folder, `<data_dir>/<name>/<version>`.
+
+  Raises:
+    DatasetNotFoundError: no local files and no download possible; within seconds.
+    BadDataError: local files that are truncated or not what they should be.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ds_spec = datasets.spec(name)
+  data_dir = datasets.resolve_data_dir(data_dir)
+  if is_prepared(name, data_dir):
+    return datasets._builder(name, data_dir).data_dir  # pylint: disable=protected-access
+  cls = _builder_classes()[name]
+  builder = cls(data_dir=data_dir, file_format="array_record")
+  looked = []
+  local = None
+  if name == "fashion_mnist":
+    if manual_dir:
+      local = find_idx_files(manual_dir)
+      looked.append(manual_dir)
+    else:
+      local = debian_fashion_mnist_files()
+      looked.append("Debian package dataset-fashion-mnist (dpkg -L)")
+    builder.idx_files = local
+  elif name == "cifar100":
+    if manual_dir:
+      local = find_cifar100_archive(manual_dir)
+      looked.append(manual_dir)
+    builder.archive = local
+  elif name == "imagenet2012":
+    if manual_dir:
+      looked.append(manual_dir)
+      if any(os.path.exists(os.path.join(manual_dir, f)) for f in (
+          "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_img_test.tar")):
+        local = manual_dir
+  if local is None:
+    where = f"in {', '.join(looked)}" if looked else "(no --manual_dir given)"
+    reason = f"No {ds_spec.manual_files} found {where}"
+    if not ds_spec.download_url:
+      reason += "; tfds cannot download it: it needs the files you obtained yourself"
+    elif not download:
+      reason += "; downloading is off"
+    elif not online(ds_spec.download_url):
+      host = urllib.parse.urlparse(ds_spec.download_url).hostname
+      reason += f", and {host} cannot be reached to download it"
+    else:
+      reason = ""
+    if reason:
+      raise datasets.DatasetNotFoundError(
+          datasets.not_prepared_message(name, data_dir, reason + "."))
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  try:
+    builder.download_and_prepare(download_config=config)
+  finally:
+    # tfds leaves an empty downloads/ folder behind even when nothing was downloaded.
+    downloads = os.path.join(data_dir, "downloads")
+    if os.path.isdir(downloads) and not any(f for _, _, f in os.walk(downloads)):
+      shutil.rmtree(downloads, ignore_errors=True)
+  return builder.data_dir
+
+
+def ensure_prepared(name: str, data_dir: str | None = None) -> str:
+  """Returns the data dir once `name` can be read from it, else raises within seconds.
+
+  Present (or mocked by `tfds.testing.mock_data`): returns at once. Fashion-MNIST that is
+  absent but available from Debian's `dataset-fashion-mnist` package: prepared now (~10 s).
+  Anything else: `DatasetNotFoundError` with the command that prepares it; nothing is
+  downloaded behind the user's back.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ds_spec = datasets.spec(name)
+  data_dir = datasets.resolve_data_dir(data_dir)
+  if is_prepared(name, data_dir):
+    datasets.open_source(name, ds_spec.train_split, data_dir)  # checks the file format
+    return data_dir
+  if name == "fashion_mnist" and debian_fashion_mnist_files():
+    prepare(name, data_dir, download=False)
+    return data_dir
+  try:  # mock_data serves any name without files on disk
+    tfds.data_source(name, split=ds_spec.train_split, data_dir=data_dir, download=False)
+    return data_dir
+  except Exception:  # pylint: disable=broad-except
+    pass
+  raise datasets.DatasetNotFoundError(datasets.not_prepared_message(name, data_dir))
