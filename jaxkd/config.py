@@ -47,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_epochs = 240
   c.max_steps = 0                             # > 0: stop early (smoke tests)
   c.seed = 0
+  c.num_seeds = 1                             # > 1: seeds seed..seed+S-1 trained in one step
   c.dtype = "float32"                         # compute dtype of teacher and student
 
   c.optimizer = ml_collections.ConfigDict()
@@ -58,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.milestones = (150, 180, 210)
   c.optimizer.decay = 0.1
   c.optimizer.warmup_epochs = 0.0
+  c.optimizer.schedule = "step"               # step (the recipes) | cosine
 
   loss = dataclasses.asdict(objectives.LossConfig())
   c.loss = ml_collections.ConfigDict(loss)
@@ -180,9 +182,12 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None) -
                       "mode 'teacher' for plain CE training.")
   if c.dtype not in DTYPES:
     raise ConfigError(f"config.dtype must be one of {DTYPES}, got {c.dtype!r}.")
-  for field in ("batch_size", "eval_batch_size", "num_epochs"):
+  for field in ("batch_size", "eval_batch_size", "num_epochs", "num_seeds"):
     if not (isinstance(c[field], int) and c[field] > 0):
       raise ConfigError(f"config.{field} must be a positive integer, got {c[field]!r}.")
+  if c.optimizer.schedule not in ("step", "cosine"):
+    raise ConfigError(f"config.optimizer.schedule must be step or cosine, got "
+                      f"{c.optimizer.schedule!r}.")
   if c.optimizer.lr <= 0:
     raise ConfigError(f"config.optimizer.lr must be positive, got {c.optimizer.lr!r}.")
   if device_count is not None:

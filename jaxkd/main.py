@@ -41,6 +41,7 @@ def main(argv):
   # Imported here so that `--help` and flag errors stay fast.
   import jax
   from jaxkd import config as jconfig
+  from jaxkd import data as jdata
   from jaxkd import sharding
   from jaxkd import suite
   from jaxkd import train
@@ -60,9 +61,9 @@ def main(argv):
       suite.run(config, FLAGS.workdir)
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
-      print(f"best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), "
-            f"last {summary['last_top1']:.2f}%; results in {FLAGS.workdir}/summary.json",
-            flush=True)
+      print(train.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
+  except jdata.DatasetNotFoundError as e:
+    fail(str(e))
   except train.TrainingDiverged as e:
     print(f"jaxkd: error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

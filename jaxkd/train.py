@@ -74,19 +74,26 @@ class TrainState:
 
 
 def learning_rate_schedule(base_lr: float, milestones, decay: float, steps_per_epoch: int,
-                           warmup_epochs: float = 0.0):
-  """Step decay as mdistiller/RepDistiller: lr = base · decay^k, k = #milestones < epoch.
+                           warmup_epochs: float = 0.0, *, kind: str = "step",
+                           total_steps: int | None = None):
+  """The learning rate per optimizer step.
 
-  Epochs count from 1 and the milestone epochs themselves still use the previous rate, so
-  with milestones (150, 180, 210) the rate drops at the start of epochs 151, 181 and 211.
-  An optional linear warm-up over `warmup_epochs` (0 in the published recipes).
+  "step" (mdistiller/RepDistiller): lr = base · decay^k, k = #milestones < epoch. Epochs count
+  from 1 and a milestone epoch still uses the previous rate: with (150, 180, 210) the rate
+  drops at the start of epochs 151, 181 and 211.
+  "cosine": base · ½(1 + cos(π · step / total_steps)), for short runs (the quickstart).
+  Both with an optional linear warm-up over `warmup_epochs` (0 in the published recipes).
   """
+  if kind not in ("step", "cosine"):
+    raise ValueError(f"optimizer.schedule must be 'step' or 'cosine', got {kind!r}.")
   boundaries = jnp.asarray([m * steps_per_epoch for m in milestones] or [np.iinfo(np.int32).max])
   warmup_steps = warmup_epochs * steps_per_epoch
 
   def schedule(count):
-    k = jnp.sum(count >= boundaries)
-    lr = base_lr * decay ** k
+    if kind == "step":
+      lr = base_lr * decay ** jnp.sum(count >= boundaries)
+    else:
+      lr = base_lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count / total_steps, 1.0)))
     if warmup_steps:
       lr = lr * jnp.minimum(1.0, (count + 1) / warmup_steps)
     return lr
@@ -94,13 +101,14 @@ def learning_rate_schedule(base_lr: float, milestones, decay: float, steps_per_e
   return schedule
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int):
   """SGD with momentum and L2 weight decay on every parameter, as PyTorch's SGD applies it
-  (g + wd·p, then the momentum buffer), and the step schedule."""
+  (g + wd·p, then the momentum buffer), and the learning-rate schedule."""
   if opt.name != "sgd":
     raise ValueError(f"optimizer.name must be 'sgd', got {opt.name!r}.")
-  schedule = learning_rate_schedule(opt.lr, tuple(opt.milestones), opt.decay, steps_per_epoch,
-                                    opt.get("warmup_epochs", 0.0))
+  schedule = learning_rate_schedule(
+      opt.lr, tuple(opt.milestones), opt.decay, steps_per_epoch, opt.get("warmup_epochs", 0.0),
+      kind=opt.get("schedule", "step"), total_steps=num_epochs * steps_per_epoch)
   tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
                    optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
   return tx, schedule
@@ -291,24 +299,140 @@ def _loss_fields(config) -> dict[str, Any]:
   return fields
 
 
+def make_step_fns(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
+                  teacher_model: str | None = None) -> StepFns:
+  """The static pieces of the train step for `config` (no data, no variables needed)."""
+  loss = objectives.loss_config(_loss_fields(config))
+  dtype = _dtype(config.dtype)
+  tx, schedule = make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
+  teacher = None
+  if config.mode == "distill":
+    teacher = models.create(teacher_model or config.teacher.model, num_classes, dtype=dtype)
+  return StepFns(
+      model=models.create(config.model, num_classes, dtype=dtype), loss=loss, mode=config.mode,
+      tx=tx, schedule=schedule, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs,
+      num_classes=num_classes, aux_head=AuxHead(num_classes) if loss.needs_aux_head else None,
+      teacher=teacher, pskd_alpha=config.self_distill.alpha_final,
+      ipw_start_epoch=config.self_distill.ipw_start_epoch)
+
+
+def init_train_state(fns: StepFns, key: jax.Array, image_shape, feature_dim: int,
+                     index_size: int = 0) -> TrainState:
+  """A fresh TrainState from `key` (pure: jit it, vmap it over keys for several seeds)."""
+  k_model, k_aux = jax.random.split(key)
+  variables = fns.model.init(k_model, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = {"model": variables["params"]}
+  if fns.aux_head is not None:
+    params["aux_head"] = fns.aux_head.init(k_aux, jnp.zeros((1, feature_dim)))["params"]
+  predictions = None
+  if fns.mode == "self_distill":
+    predictions = jnp.zeros((index_size, fns.num_classes), jnp.float32)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=fns.tx.init(params),
+                    rng=key, nonfinite_step=jnp.full((), -1, jnp.int32), predictions=predictions)
+
+
+def multi_seed_train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
+                          teacher_variables: Any):
+  """`train_step` vectorised over independent runs: state and batch carry a leading seed
+  axis S (each seed its own initialisation and data order); the teacher is shared."""
+  return jax.vmap(functools.partial(train_step, fns), in_axes=(0, 0, None))(
+      state, batch, teacher_variables)
+
+
+class _StackedDeviceBatches:
+  """Train batches of several seeds, [S, B, ...], from ONE device-resident copy of the data.
+
+  Seed i is the single-seed pipeline with seed `seeds[i]`: the same permutation rule and the
+  same hashed augmentation, so run i of a multi-seed run sees exactly the batches of a
+  single-seed run with that seed.
+  """
+
+  def __init__(self, arrays, ds_spec, *, mesh, global_batch, seeds, index_size):
+    self.seeds = tuple(int(s) for s in seeds)
+    self.num_examples = len(arrays["label"])
+    self.index_size = index_size
+    self.steps_per_epoch = jdata.steps_per_epoch(self.num_examples, global_batch)
+    self._data = jdata.place_dataset(arrays, mesh)
+    self._repl = sharding.replicated(mesh)
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+
+    def batches(data, perms, step_in_epoch, epoch, seeds):
+      one = lambda perm, seed: jdata.device_batch(data, perm, step_in_epoch, epoch,
+                                                  ds_spec=ds_spec, global_batch=global_batch,
+                                                  seed=seed)
+      return jax.vmap(one)(perms, seeds)
+
+    self._fn = jax.jit(batches, out_shardings=out)
+    self._seed_array = jnp.asarray(self.seeds, jnp.int32)
+    self._step, self._perm_epoch, self._perms = 0, -1, None
+
+  def __next__(self):
+    epoch, s = divmod(self._step, self.steps_per_epoch)
+    if epoch != self._perm_epoch:
+      perms = np.stack([jdata.epoch_permutation(seed, epoch, self.num_examples)
+                        for seed in self.seeds])
+      self._perms = jax.make_array_from_callback(perms.shape, self._repl, lambda i: perms[i])
+      self._perm_epoch = epoch
+    self._step += 1
+    return self._fn(self._data, self._perms, jnp.int32(s), jnp.int32(epoch), self._seed_array)
+
+  def get_state(self):
+    return {"step": self._step, "seeds": list(self.seeds), "num_examples": self.num_examples}
+
+  def set_state(self, state):
+    if list(state.get("seeds", self.seeds)) != list(self.seeds):
+      raise ValueError(f"checkpointed seeds {state['seeds']} differ from {list(self.seeds)}.")
+    self._step = int(state["step"])
+
+
+class _StackedHostBatches:
+  """Several seeds' host pipelines, stacked to [S, b, ...] on this process."""
+
+  def __init__(self, iterators, mesh):
+    self.iterators = iterators
+    self.steps_per_epoch = iterators[0].steps_per_epoch
+    self.index_size = iterators[0].index_size
+    self._sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+
+  def __next__(self):
+    parts = [next(it) for it in self.iterators]
+    stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    return {k: jax.make_array_from_process_local_data(self._sharding, v)
+            for k, v in stacked.items()}
+
+  def get_state(self):
+    return {"seeds": [it.get_state() for it in self.iterators]}
+
+  def set_state(self, state):
+    for it, st in zip(self.iterators, state["seeds"], strict=True):
+      it.set_state(st)
+
+
 class Experiment:
-  """Builds data, models, optimizer and step functions from a (validated) config."""
+  """Builds data, models, optimizer and step functions from a (validated) config.
+
+  With `config.num_seeds = S > 1`, S independent runs (seeds `config.seed + i`: their own
+  initialisation and data order, each at the recipe's batch size) train in one jitted step
+  vectorised over the train state; everything then carries a leading seed axis.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.mesh = sharding.make_mesh(devices)
+    self.num_seeds = int(config.get("num_seeds", 1))
+    self.seeds = [config.seed + i for i in range(self.num_seeds)]
     sharding.check_global_batch(config.batch_size, self.mesh)
-    self.loss = objectives.loss_config(_loss_fields(config))
     self._build_data()
-    self._build_models()
-    self.tx, self.schedule = make_optimizer(config.optimizer, self.steps_per_epoch)
-    self.fns = StepFns(
-        model=self.model, loss=self.loss, mode=config.mode, tx=self.tx, schedule=self.schedule,
-        steps_per_epoch=self.steps_per_epoch, num_epochs=config.num_epochs,
-        num_classes=self.num_classes, aux_head=self.aux_head, teacher=self.teacher,
-        pskd_alpha=config.self_distill.alpha_final,
-        ipw_start_epoch=config.self_distill.ipw_start_epoch)
+    self.teacher_variables, teacher_name = self._restore_teacher()
+    self.fns = make_step_fns(config, self.num_classes, self.steps_per_epoch, teacher_name)
+    self.model, self.teacher = self.fns.model, self.fns.teacher
+
+  @property
+  def multi_seed(self) -> bool:
+    return self.num_seeds > 1
 
   # -- data -----------------------------------------------------------------------------------
 
@@ -319,22 +443,35 @@ class Experiment:
     data_dir = jdata.ensure_prepared(c.name, c.data_dir)
     self.device_resident = (c.input == "device" or (c.input == "auto"
                                                      and self.ds_spec.fits_on_device))
-    common = dict(global_batch=self.config.batch_size, seed=self.config.seed,
-                  ds_spec=self.ds_spec)
+    batch = self.config.batch_size
     lt = dict(long_tail_factor=c.get("long_tail_factor"), long_tail_seed=c.get("long_tail_seed", 0))
     if self.device_resident:
-      self.train_iter = jdata.device_loader(c.name, data_dir=data_dir, mesh=self.mesh, train=True,
-                                            **common, **lt)
+      source = jdata.open_source(c.name, self.ds_spec.train_split, data_dir)
+      arrays = jdata.load_arrays(c.name, self.ds_spec.train_split, source=source,
+                                 long_tail_factor=lt["long_tail_factor"],
+                                 seed=lt["long_tail_seed"])
+      if self.multi_seed:
+        self.train_iter = _StackedDeviceBatches(arrays, self.ds_spec, mesh=self.mesh,
+                                                global_batch=batch, seeds=self.seeds,
+                                                index_size=len(source))
+      else:
+        self.train_iter = jdata.DeviceResidentLoader(
+            arrays, self.ds_spec, global_batch=batch, mesh=self.mesh, seed=self.config.seed,
+            index_size=len(source))
     else:
-      self.train_iter = jdata.host_iterator(c.name, data_dir=data_dir, train=True,
-                                            worker_count=c.num_workers, **common, **lt)
+      iterators = [jdata.host_iterator(c.name, data_dir=data_dir, train=True, global_batch=batch,
+                                       seed=seed, ds_spec=self.ds_spec,
+                                       worker_count=c.num_workers, **lt)
+                   for seed in self.seeds]
+      self.train_iter = (_StackedHostBatches(iterators, self.mesh) if self.multi_seed
+                         else iterators[0])
     eval_batch = self.config.eval_batch_size
     sharding.check_global_batch(eval_batch, self.mesh)
     if self.device_resident:
+      eval_arrays = jdata.load_arrays(c.name, self.ds_spec.eval_split, data_dir)
       self.eval_iter_fn = lambda: jdata.device_loader(
-          c.name, data_dir=data_dir, mesh=self.mesh, train=False, global_batch=eval_batch,
-          ds_spec=self.ds_spec, arrays=self._eval_arrays)
-      self._eval_arrays = jdata.load_arrays(c.name, self.ds_spec.eval_split, data_dir)
+          c.name, mesh=self.mesh, train=False, global_batch=eval_batch, ds_spec=self.ds_spec,
+          arrays=eval_arrays)
     else:
       self.eval_iter_fn = lambda: jdata.host_iterator(
           c.name, data_dir=data_dir, train=False, global_batch=eval_batch, ds_spec=self.ds_spec,
@@ -346,7 +483,9 @@ class Experiment:
 
   def next_train_batch(self) -> dict[str, jax.Array]:
     batch = next(self.train_iter)
-    return batch if self.device_resident else jdata.shard_batch(batch, self.mesh)
+    if self.device_resident or self.multi_seed:
+      return batch
+    return jdata.shard_batch(batch, self.mesh)
 
   def eval_batches(self):
     it = self.eval_iter_fn()
@@ -359,69 +498,64 @@ class Experiment:
 
   # -- models ---------------------------------------------------------------------------------
 
-  def _build_models(self):
+  def _restore_teacher(self):
     c = self.config
-    self.model = models.create(c.model, self.num_classes, dtype=_dtype(c.dtype))
-    self.aux_head = AuxHead(self.num_classes) if self.loss.needs_aux_head else None
-    self.teacher = self.teacher_variables = None
-    if c.mode == "distill":
-      variables, meta = run_checkpoint.restore_model_variables(os.path.abspath(c.teacher.checkpoint))
-      name = meta.get("model", c.teacher.model)
-      if c.teacher.model and models.spec(name).name != models.spec(c.teacher.model).name:
-        raise ValueError(f"teacher checkpoint {c.teacher.checkpoint} holds a {name}, but "
-                         f"config.teacher.model is {c.teacher.model}.")
-      self.teacher = models.create(name, self.num_classes, dtype=_dtype(c.dtype))
-      self.teacher_variables = sharding.put_replicated(variables, self.mesh)
+    if c.mode != "distill":
+      return None, None
+    variables, meta = run_checkpoint.restore_model_variables(os.path.abspath(c.teacher.checkpoint))
+    name = meta.get("model", c.teacher.model)
+    if c.teacher.model and models.spec(name).name != models.spec(c.teacher.model).name:
+      raise ValueError(f"teacher checkpoint {c.teacher.checkpoint} holds a {name}, but "
+                       f"config.teacher.model is {c.teacher.model}.")
+    return sharding.put_replicated(variables, self.mesh), name
 
   def init_state(self) -> TrainState:
-    """A fresh state, born replicated on the mesh."""
-    c = self.config
-    key = jax.random.PRNGKey(c.seed)
-    image = jnp.zeros((1, *self.ds_spec.image_shape), jnp.float32)
-    feature_dim = models.feature_dim(c.model)
-    index_size = self.train_iter.index_size
-
-    def init(key):
-      k_model, k_aux = jax.random.split(key)
-      variables = self.model.init(k_model, image, train=False)
-      params = {"model": variables["params"]}
-      if self.aux_head is not None:
-        params["aux_head"] = self.aux_head.init(k_aux, jnp.zeros((1, feature_dim)))["params"]
-      predictions = None
-      if c.mode == "self_distill":
-        predictions = jnp.zeros((index_size, self.num_classes), jnp.float32)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        batch_stats=variables.get("batch_stats", {}),
-                        opt_state=self.tx.init(params), rng=key,
-                        nonfinite_step=jnp.full((), -1, jnp.int32), predictions=predictions)
-
-    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))(key)
+    """A fresh state (stacked over seeds for several), born replicated on the mesh."""
+    init = functools.partial(init_train_state, self.fns,
+                             image_shape=self.ds_spec.image_shape,
+                             feature_dim=models.feature_dim(self.config.model),
+                             index_size=self.train_iter.index_size)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in self.seeds])
+    if self.multi_seed:
+      init = jax.vmap(init)
+    else:
+      keys = keys[0]
+    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))(keys)
 
   # -- compiled steps -------------------------------------------------------------------------
 
   @functools.cached_property
   def p_train_step(self):
     repl = sharding.replicated(self.mesh)
-    return jax.jit(functools.partial(train_step, self.fns), donate_argnums=(0,),
+    step = multi_seed_train_step if self.multi_seed else train_step
+    return jax.jit(functools.partial(step, self.fns), donate_argnums=(0,),
                    out_shardings=(repl, repl))
 
   @functools.cached_property
   def p_eval_step(self):
-    return jax.jit(functools.partial(eval_step, self.model, self.num_classes),
-                   out_shardings=sharding.replicated(self.mesh))
+    fn = functools.partial(eval_step, self.model, self.num_classes)
+    if self.multi_seed:
+      fn = jax.vmap(fn, in_axes=(0, None))
+    return jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
 
   @functools.cached_property
   def p_teacher_eval_step(self):
     return jax.jit(functools.partial(eval_step, self.teacher, self.num_classes),
                    out_shardings=sharding.replicated(self.mesh))
 
-  def evaluate(self, variables, step_fn=None) -> dict[str, Any]:
+  def evaluate(self, variables, step_fn=None) -> list[dict[str, Any]] | dict[str, Any]:
+    """Eval summary of `variables` (a list, one per seed, for a multi-seed model)."""
+    multi = step_fn is None and self.multi_seed
     step_fn = step_fn or self.p_eval_step
     sums = None
     for batch in self.eval_batches():
       out = step_fn(variables, batch)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    return summarize_eval(jax.device_get(sums))
+    sums = jax.device_get(sums)
+    if multi:
+      return [summarize_eval(jax.tree.map(lambda x, i=i: x[i], sums))
+              for i in range(self.num_seeds)]
+    return summarize_eval(sums)
 
 
 def model_variables(state: TrainState) -> dict[str, Any]:
@@ -504,50 +638,92 @@ class _Progress:
       self.bar.close()
 
 
+def _seed_slice(tree, i: int | None):
+  return tree if i is None else jax.tree.map(lambda x: x[i], tree)
+
+
+def _record_eval(summary: dict[str, Any], result: dict[str, Any], epoch: int, step: int) -> bool:
+  """Adds an evaluation to a run's summary; returns whether it is the best so far."""
+  summary["history"].append({"epoch": epoch, "step": step, "top1": result["top1"],
+                             "top5": result["top5"]})
+  summary["last"] = result
+  best = summary["best_top1"] is None or result["top1"] > summary["best_top1"]
+  if best:
+    summary["best_top1"], summary["best_epoch"], summary["best"] = result["top1"], epoch, result
+  return best
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def describe(summary: dict[str, Any]) -> str:
+  """One line: best and last top-1 (mean ± std over seeds for a multi-seed run)."""
+  if summary.get("num_seeds", 1) > 1:
+    b, l = summary["best_top1"], summary["last_top1"]
+    return (f"best top-1 {b['mean']:.2f} ± {b['std']:.2f}%, last {l['mean']:.2f} ± "
+            f"{l['std']:.2f}% over {summary['num_seeds']} seeds")
+  return (f"best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), last "
+          f"{summary['last_top1']:.2f}%")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices=None) -> dict[str, Any]:
   """Trains (or resumes) the run of `config` in `workdir` and returns its summary.
 
-  `devices` (default: all) builds the mesh from a subset, for tests and benchmarks.
-
   The summary (also `workdir/summary.json`): best and last top-1/top-5, the best epoch,
-  per-class recall of the last and best evaluations, the teacher's accuracy, images/s.
+  per-class recall of the last and best evaluations (also `eval_last.json`,
+  `eval_best.json`), the teacher's accuracy, images/s. With `num_seeds` > 1: one such
+  summary per seed under "seeds" (files `eval_last_seed{i}.json`, ...), and the mean ± std
+  of best and last top-1 over seeds; each seed's model is exported to `model_seed{i}`.
+
+  `devices` (default: all) builds the mesh from a subset, for tests and benchmarks.
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   exp = Experiment(config, workdir, devices)
+  seeds = list(range(exp.num_seeds)) if exp.multi_seed else [None]
+  suffix = lambda i: "" if i is None else f"_seed{i}"
   _save_run_info(config, workdir, exp)
   writer = MetricWriter(workdir)
   manager = run_checkpoint.run_manager(os.path.join(workdir, "checkpoints"),
-                                   keep=config.checkpoint.keep)
+                                       keep=config.checkpoint.keep)
   state = exp.init_state()
-  summary: dict[str, Any] = {"best_top1": None, "best_epoch": None, "history": []}
+  runs = [{"seed": config.seed + (i or 0), "best_top1": None, "best_epoch": None,
+           "history": []} for i in seeds]
+  teacher = None
   latest = manager.latest_step()
   if latest is not None:
     state, meta = run_checkpoint.restore_run(manager, latest, state)
-    summary = meta["summary"]
+    runs, teacher = meta["runs"], meta.get("teacher")
     exp.train_iter.set_state(meta["data"])
-    print(f"Resumed from {manager.directory}/{latest} (step {int(state.step)}).", flush=True)
-  start = int(state.step)
+    print(f"Resumed from {manager.directory}/{latest}.", flush=True)
+  start = int(np.max(state.step))
 
-  if exp.teacher is not None and summary.get("teacher") is None:
-    summary["teacher"] = {k: v for k, v in exp.evaluate(
-        exp.teacher_variables, exp.p_teacher_eval_step).items() if k != "per_class_recall"}
-    writer.write(start, summary["teacher"], prefix="teacher/")
-    print(f"Teacher top-1 {summary['teacher']['top1']:.2f}%", flush=True)
+  if exp.teacher is not None and teacher is None:
+    teacher = {k: v for k, v in exp.evaluate(exp.teacher_variables,
+                                             exp.p_teacher_eval_step).items()
+               if k != "per_class_recall"}
+    writer.write(start, teacher, prefix="teacher/")
+    print(f"Teacher top-1 {teacher['top1']:.2f}%", flush=True)
+
+  def first_nonfinite() -> int | None:
+    bad = np.asarray(jax.device_get(state.nonfinite_step)).reshape(-1)
+    bad = bad[bad >= 0]
+    return int(bad.min()) if bad.size else None
 
   def save(step: int, *, block: bool = False):
-    bad = int(state.nonfinite_step)
-    if bad >= 0:
+    if first_nonfinite() is not None:
       return
-    run_checkpoint.save_run(manager, step, state,
-                        {"data": exp.train_iter.get_state(), "summary": summary})
+    run_checkpoint.save_run(manager, step, state, {"data": exp.train_iter.get_state(),
+                                                   "runs": runs, "teacher": teacher})
     if block:
       manager.wait_until_finished()
 
   def check_finite():
-    bad = int(state.nonfinite_step)
-    if bad >= 0:
+    bad = first_nonfinite()
+    if bad is not None:
       manager.wait_until_finished()
       last = manager.latest_step()
       where = (f"the last good checkpoint is {manager.directory}/{last} (intact); restart with "
@@ -555,32 +731,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                f"learning rate)" if last is not None else "no checkpoint had been written yet")
       raise TrainingDiverged(f"The loss became NaN or inf at step {bad}; {where}.")
 
-  cfg_ckpt = config.checkpoint
-  every = cfg_ckpt.every_steps or exp.steps_per_epoch
+  def evaluate(done: int):
+    epoch = math.ceil(done / exp.steps_per_epoch)
+    results = exp.evaluate(model_variables(state))
+    results = results if exp.multi_seed else [results]
+    for i, run, result in zip(seeds, runs, results):
+      best = _record_eval(run, result, epoch, done)
+      _write_json(os.path.join(workdir, f"eval_last{suffix(i)}.json"), {"epoch": epoch, **result})
+      if best:
+        _write_json(os.path.join(workdir, f"eval_best{suffix(i)}.json"), {"epoch": epoch, **result})
+    scalars = {k: float(np.mean([r[k] for r in results])) for k in ("top1", "top5", "ce")}
+    if exp.multi_seed:
+      scalars.update({f"top1_seed{i}": r["top1"] for i, r in zip(seeds, results)})
+    writer.write(done, scalars, prefix="eval/")
+
+  every = config.checkpoint.every_steps or exp.steps_per_epoch
   log_every = max(1, config.log_every_steps)
-  progress = _Progress(exp.total_steps, start, config.batch_size, config.progress_bar)
+  progress = _Progress(exp.total_steps, start, config.batch_size * exp.num_seeds,
+                       config.progress_bar)
   interrupted = False
   previous_handler = signal.getsignal(signal.SIGINT)
-  # Ctrl-C: finish the step in flight, save, and exit (a second Ctrl-C aborts at once).
-  def on_sigint(signum, frame):
+
+  def on_sigint(signum, frame):  # Ctrl-C: finish the step in flight, save, exit.
     nonlocal interrupted
-    if interrupted:
+    if interrupted:  # a second Ctrl-C aborts at once
       signal.signal(signal.SIGINT, previous_handler)
       raise KeyboardInterrupt
     interrupted = True
-  if jax.process_count() == 1:
-    signal.signal(signal.SIGINT, on_sigint)
 
-  rate = None
-  pending = []
+  single_process = jax.process_count() == 1
+  if single_process:
+    signal.signal(signal.SIGINT, on_sigint)
+  rate, pending = None, []
   try:
     for step in range(start, exp.total_steps):
-      batch = exp.next_train_batch()
-      state, metrics = exp.p_train_step(state, batch, exp.teacher_variables)
+      state, metrics = exp.p_train_step(state, exp.next_train_batch(), exp.teacher_variables)
       pending.append(metrics)
       done = step + 1
       if done % log_every == 0 or done == exp.total_steps:
-        scalars = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        fetched = jax.device_get(pending)
+        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         pending = []
         check_finite()
         rate = progress.update(done, {"loss": f"{scalars['loss']:.3f}"})
@@ -588,22 +778,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           scalars["images_per_sec"] = rate
         writer.write(done, scalars, prefix="train/")
       epoch_end = done % exp.steps_per_epoch == 0
-      if epoch_end or done == exp.total_steps:
-        epoch = math.ceil(done / exp.steps_per_epoch)
-        if epoch % config.eval_every_epochs == 0 or done == exp.total_steps:
-          check_finite()
-          result = exp.evaluate(model_variables(state))
-          record = {"epoch": epoch, "step": done, "top1": result["top1"], "top5": result["top5"]}
-          summary["history"].append(record)
-          summary["last"] = result
-          if summary["best_top1"] is None or result["top1"] > summary["best_top1"]:
-            summary["best_top1"], summary["best_epoch"] = result["top1"], epoch
-            summary["best"] = result
-          writer.write(done, {k: v for k, v in result.items() if k != "per_class_recall"},
-                       prefix="eval/")
-          _write_json(os.path.join(workdir, "eval_last.json"), {"epoch": epoch, **result})
-          if summary["best_epoch"] == epoch:
-            _write_json(os.path.join(workdir, "eval_best.json"), {"epoch": epoch, **result})
+      if done == exp.total_steps or (
+          epoch_end and (done // exp.steps_per_epoch) % config.eval_every_epochs == 0):
+        check_finite()
+        evaluate(done)
       if done % every == 0 or done == exp.total_steps:
         save(done)
       if interrupted:
@@ -611,11 +789,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   except KeyboardInterrupt:
     interrupted = True
   finally:
-    signal.signal(signal.SIGINT, previous_handler) if jax.process_count() == 1 else None
+    if single_process:
+      signal.signal(signal.SIGINT, previous_handler)
     progress.close()
 
   if interrupted:
-    step = int(state.step)
+    step = int(np.max(state.step))
     if manager.latest_step() != step:
       save(step, block=True)
     manager.wait_until_finished()
@@ -626,15 +805,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager.wait_until_finished()
   manager.close()
   check_finite()
-  # The deployable model (params + BN statistics), in the same format as the PyTorch
-  # converter's output: what a later `distill` run names as its teacher.
-  run_checkpoint.save_model_variables(os.path.join(workdir, "model"), model_variables(state),
-                                  model=models.spec(config.model).name,
-                                  num_classes=exp.num_classes, source=f"jaxkd run {workdir}")
-  final = {k: v for k, v in summary.items()}
-  final.update(last_top1=summary["last"]["top1"] if "last" in summary else None,
-               images_per_sec=rate, steps=int(state.step), model=config.model, mode=config.mode,
-               method=config.get("method"))
+  # The deployable model (params + BN statistics), in the converter's format: what a later
+  # `distill` run names as its teacher.
+  for i in seeds:
+    run_checkpoint.save_model_variables(
+        os.path.join(workdir, f"model{suffix(i)}"), _seed_slice(model_variables(state), i),
+        model=models.spec(config.model).name, num_classes=exp.num_classes,
+        source=f"jaxkd run {workdir}{suffix(i)}")
+  for run in runs:
+    run["last_top1"] = run["last"]["top1"] if "last" in run else None
+  if exp.multi_seed:
+    final = {"seeds": runs, "best_top1": _mean_std([r["best_top1"] for r in runs]),
+             "last_top1": _mean_std([r["last_top1"] for r in runs])}
+  else:
+    final = dict(runs[0])
+  final.update(teacher=teacher, images_per_sec=rate, steps=int(np.max(state.step)),
+               model=config.model, mode=config.mode, method=config.get("method"),
+               num_seeds=exp.num_seeds)
   _write_json(os.path.join(workdir, "summary.json"), final)
   writer.close()
   return final

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import test_data_support
 from jaxkd import config as jconfig
-from jaxkd import data as jdata
-from jaxkd import models
 from jaxkd import run_checkpoint
 from jaxkd import train
 
@@ -27,16 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def fmnist_dir(tmp_path_factory):
-  """A real tfds fashion_mnist built from Debian's dataset-fashion-mnist files."""
-  if jdata.builders.debian_fashion_mnist_files() is None:
-    if os.environ.get("CI"):
-      pytest.fail("dataset-fashion-mnist is not installed; .ci/run installs it.")
-    pytest.skip("Debian package dataset-fashion-mnist is not installed "
-                "(apt-get install dataset-fashion-mnist)")
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  jdata.prepare("fashion_mnist", data_dir)
-  return data_dir
+def fmnist_dir():
+  """The real tfds fashion_mnist built once per session from Debian's files."""
+  return test_data_support.fashion_data_dir()
 
 
 def quick_config(data_dir, *, mode="teacher", method="ce", steps=6, batch=32, **overrides):
@@ -55,6 +47,8 @@ def quick_config(data_dir, *, mode="teacher", method="ce", steps=6, batch=32, **
   c.checkpoint.every_steps = 3
   c.progress_bar = False
   c.optimizer.milestones = ()
+  c.optimizer.schedule = "cosine"
+  c.optimizer.nesterov = True
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
