@@ -47,7 +47,9 @@ def get_config(arg=None):
     run = jconfig.apply_method(jconfig.default_config(), method)
     c.runs[method] = {"mode": "teacher" if method == "ce" else "distill", "method": method,
                       "loss": run.loss.to_dict()}
-    # DKD's 20-epoch warm-up is for 240-epoch runs; scale it to this short schedule.
+    # DKD's 20-epoch warm-up (a staircase over whole epochs) is for 240-epoch runs: here it
+    # ramps per step over the run, or DKD starts at full strength (β·τ² = 128) and diverges.
     if method == "dkd":
-      c.runs[method]["loss"]["dkd_warmup_epochs"] = 1.0
+      c.runs[method]["loss"].update(dkd_warmup_epochs=float(c.num_epochs),
+                                    dkd_warmup_per_step=True)
   return c

@@ -211,9 +211,11 @@ def _target_split(u: jax.Array, lse: jax.Array, onehot: jax.Array):
   """For shifted logits u: (log p_y, log Σ_{c≠y} p_c, lse of the non-target classes)."""
   log_p_target = jnp.sum(jnp.where(onehot, u, 0.0), axis=-1) - lse
   masked = jnp.where(onehot, -jnp.inf, u)
-  m = jnp.max(masked, axis=-1, keepdims=True)
+  # The shift m is a constant for autodiff on both sides of the identity
+  # lse(x) = log Σ exp(x − m) + m; stopping it on one side only would corrupt the gradient.
+  m = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  lse_other = jnp.log(jnp.sum(jnp.exp(masked - jax.lax.stop_gradient(m)), axis=-1)) + m[..., 0]
+  lse_other = jnp.log(jnp.sum(jnp.exp(masked - m), axis=-1)) + m[..., 0]
   return log_p_target, lse_other - lse, lse_other
 
 

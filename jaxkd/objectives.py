@@ -48,6 +48,9 @@ class LossConfig:
   dkd_alpha: float = 1.0
   dkd_beta: float = 8.0
   dkd_warmup_epochs: float = 20.0
+  # False: mdistiller's staircase min(epoch / warmup, 1) with whole epochs counted from 1.
+  # True: a linear ramp per step, for runs of a few epochs (the quickstart).
+  dkd_warmup_per_step: bool = False
   # ER-KD: entropy temperature tau' (4, independent of tau); "batch_mean" = reference ER-DKD.
   entropy_temperature: float = 4.0
   entropy_mode: str = "per_example"
@@ -124,7 +127,11 @@ def sample_weights(cfg: LossConfig, logits: jax.Array, teacher_logits: jax.Array
 
 
 def dkd_ramp(cfg: LossConfig, epoch: jax.Array) -> jax.Array:
-  """DKD's warm-up factor min(epoch / warmup, 1), epochs counted from 1 (fractional allowed)."""
+  """DKD's warm-up factor min(epoch / warmup, 1) (Zhao et al. 2022, as mdistiller applies it).
+
+  `epoch` counts from 1: a whole number for the staircase, or the fractional epoch
+  (steps done / steps per epoch) when `dkd_warmup_per_step`; the caller passes the right one.
+  """
   if cfg.base != "dkd" or cfg.dkd_warmup_epochs == 0:
     return jnp.ones((), jnp.float32)
   return jnp.minimum(jnp.asarray(epoch, jnp.float32) / cfg.dkd_warmup_epochs, 1.0)

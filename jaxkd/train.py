@@ -183,8 +183,10 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
           fns.loss, logits, previous, labels, alpha=alpha,
           use_ipw=epoch >= fns.ipw_start_epoch, aux_logits=aux_logits)
     else:
+      ramp_epoch = ((state.step + 1) / fns.steps_per_epoch if fns.loss.dkd_warmup_per_step
+                    else epoch)
       loss, metrics = objectives.distillation_loss(
-          fns.loss, logits, teacher_logits, labels, epoch=epoch, aux_logits=aux_logits)
+          fns.loss, logits, teacher_logits, labels, epoch=ramp_epoch, aux_logits=aux_logits)
     return loss, (metrics, updates["batch_stats"], logits)
 
   (loss, (metrics, batch_stats, logits)), grads = jax.value_and_grad(

@@ -7,6 +7,8 @@ clamp, a −1000 target mask, an unintended broadcast), not copies of that code.
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,3 +120,42 @@ def test_erdkd_batch_mean_mode_matches_the_reference_broadcast(batch):
   # The per-example default differs: it really reweights each example.
   per_ex = losses.dkd_loss(zs, zt, y, beta=3.0, weights=weighting.teacher_entropy_weights(zt))
   assert abs(float(per_ex) - expected.item()) > 1e-4 * abs(expected.item())
+
+
+def _grad_parity(jax_loss, torch_loss, zs, zt):
+  """d loss / d student logits: jax.grad against PyTorch autograd of the peers' formula."""
+  g_jax = np.asarray(jax.grad(jax_loss)(jnp.asarray(zs)))
+  s = t(zs).requires_grad_(True)
+  torch_loss(s, t(zt)).backward()
+  np.testing.assert_allclose(g_jax, s.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "erkd", "eakd", "erdkd_batch_mean"])
+def test_gradients_match_pytorch_autograd(batch, method):
+  """The gradient a trainer applies, not only the value: each objective's student gradient
+  against autograd of the PyTorch formula (the weights are constants on both sides)."""
+  zs, zt, y = batch
+  yt = torch.from_numpy(y).long()
+  h4 = torch_entropy_clamped(t(zt), 4.0).detach()
+  if method == "kd":
+    jl = lambda z: losses.kd_loss(z, zt, temperature=4.0)
+    tl = lambda s, te: torch_kd(s, te, 4.0)
+  elif method == "dkd":
+    jl = lambda z: losses.dkd_loss(z, zt, y, beta=8.0)
+    tl = lambda s, te: torch_dkd_per_example(s, te, yt, 1.0, 8.0, 4.0).mean()
+  elif method == "erkd":
+    jl = lambda z: losses.kd_loss(z, zt, weights=weighting.teacher_entropy_weights(zt))
+    tl = lambda s, te: (F.kl_div(F.log_softmax(s / 4, 1), F.softmax(te / 4, 1),
+                                 reduction="none").sum(1) * h4).mean() * 16
+  elif method == "eakd":
+    jl = lambda z: losses.kd_loss(z, zt, weights=weighting.adaptive_entropy_weights(
+        zt, z, entropy_upper_bound=100.0))
+    def tl(s, te):
+      w = (0.5 * torch_entropy_eps(te, 3.0) * (1 + torch_entropy_eps(s.detach(), 3.0) / 100))
+      return (F.kl_div(F.log_softmax(s / 4, 1), F.softmax(te / 4, 1), reduction="none")
+              .sum(1) * w.detach()).mean() * 16
+  else:
+    jl = lambda z: losses.dkd_loss(z, zt, y, beta=3.0, weights=weighting.teacher_entropy_weights(
+        zt, mode="batch_mean"))
+    tl = lambda s, te: (torch_dkd_per_example(s, te, yt, 1.0, 3.0, 4.0) * h4.unsqueeze(1)).mean()
+  _grad_parity(jl, tl, zs, zt)
