@@ -93,15 +93,32 @@ def mask_rows(logits: Array, where: Array | None) -> jax.Array:
 # Building blocks.
 
 
-def shifted_logsumexp(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns (u, lse) with u = z − max(z) and lse = log Σ exp(u), both float32.
+def row_max(z: jax.Array) -> jax.Array:
+  """max over the last axis, keepdims, as a constant for autodiff; 0 for all −inf rows.
 
-  log softmax(z) = u − lse, elementwise and without cancellation against the max. A row whose
-  max is −inf (all classes masked) gets max 0 so that it stays finite.
+  Every log-sum-exp here is written lse(z) = log Σ exp(z − m) + m with this m; the identity
+  holds for any m, so m carries no gradient (on both sides of it).
   """
-  m = jnp.max(z, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  u = z - jax.lax.stop_gradient(m)
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def scaled_shift(z: jax.Array, temperature: Any = 1.0) -> jax.Array:
+  """u = (z − max z) / τ: the logits at temperature τ shifted to a row maximum of 0.
+
+  max(z/τ) = max(z)/τ for τ > 0, so one maximum of the raw logits serves every temperature
+  and every function of the same logits (XLA computes it once): KD at τ = 4, ER-KD's entropy
+  at τ′ = 4, EA-KD's at t = 3 share a single sweep.
+  """
+  return (z - row_max(z)) / temperature
+
+
+def shifted_logsumexp(z: jax.Array, temperature: Any = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Returns (u, lse) with u = scaled_shift(z, τ) and lse = log Σ exp(u), both float32.
+
+  log softmax(z/τ) = u − lse, elementwise and without cancellation against the max.
+  """
+  u = scaled_shift(z, temperature)
   return u, jnp.log(jnp.sum(jnp.exp(u), axis=-1))
 
 
@@ -110,41 +127,49 @@ def expectation(p: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(p > 0, p * v, 0.0), axis=-1)
 
 
-@jax.custom_vjp
-def _kl_scaled(s: jax.Array, t: jax.Array) -> jax.Array:
-  """KL(softmax(t) ‖ softmax(s)) per row, for already temperature-scaled float32 logits.
+def softmax_moments(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For shifted logits u (max 0): Z = Σ exp(u) and Σ exp(u)·u, from ONE exp per element.
 
-  One pass per side: with u = x − max x and lse(u) = log Σ exp(u),
-    KL = Σ_c p^t_c (u^t_c − u^s_c) + lse(u^s) − lse(u^t).
-  The gradient is written in closed form (`_kl_scaled_bwd`), which saves XLA's generic
-  log-softmax backward several passes over the [.., C] arrays.
+  Both sums read the same exp(u), so XLA computes them in a single sweep over memory; the
+  entropy of softmax(u) is log Z − (Σ e·u)/Z without a second pass to form p = e/Z first.
   """
-  return _kl_scaled_fwd(s, t)[0]
+  e = jnp.exp(u)
+  return jnp.sum(e, axis=-1), expectation(e, u)
 
 
-def _kl_scaled_fwd(s, t):
-  us, lse_s = shifted_logsumexp(s)
-  ut, lse_t = shifted_logsumexp(t)
-  pt = jnp.exp(ut - lse_t[..., None])
-  kl = expectation(pt, ut - us) + lse_s - lse_t
-  return kl, (s, t, kl)
+@jax.custom_vjp
+def _kl_shifted(us: jax.Array, ut: jax.Array) -> jax.Array:
+  """KL(softmax(ut) ‖ softmax(us)) per row, for scaled logits already shifted to max 0.
+
+  With e = exp(u) and Z = Σ e (row sums):
+    KL = Σ_c e^t_c (u^t_c − u^s_c) / Z^t + log Z^s − log Z^t,
+  one sweep that accumulates Z^s, Z^t and the cross term together. The gradient is written
+  in closed form (`_kl_shifted_bwd`): one more sweep, instead of autodiff's replay of the
+  log-softmax on both sides.
+  """
+  return _kl_shifted_fwd(us, ut)[0]
 
 
-def _kl_scaled_bwd(res, g):
-  # dKL/ds_c = p^s_c − p^t_c ;  dKL/dt_c = p^t_c (log p^t_c − log p^s_c − KL).
-  s, t, kl = res
-  us, lse_s = shifted_logsumexp(s)
-  ut, lse_t = shifted_logsumexp(t)
-  log_ps = us - lse_s[..., None]
-  log_pt = ut - lse_t[..., None]
+def _kl_shifted_fwd(us, ut):
+  es, et = jnp.exp(us), jnp.exp(ut)
+  zs, zt = jnp.sum(es, axis=-1), jnp.sum(et, axis=-1)
+  kl = expectation(et, ut - us) / zt + jnp.log(zs) - jnp.log(zt)
+  return kl, (us, ut, zs, zt, kl)
+
+
+def _kl_shifted_bwd(res, g):
+  # dKL/dus_c = p^s_c − p^t_c ;  dKL/dut_c = p^t_c (log p^t_c − log p^s_c − KL).
+  us, ut, zs, zt, kl = res
+  log_ps = us - jnp.log(zs)[..., None]
+  log_pt = ut - jnp.log(zt)[..., None]
   ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
   g = g[..., None]
-  ds = g * (ps - pt)
-  dt = jnp.where(pt > 0, g * pt * (log_pt - log_ps - kl[..., None]), 0.0)
-  return ds, dt
+  d_us = g * (ps - pt)
+  d_ut = jnp.where(pt > 0, g * pt * (log_pt - log_ps - kl[..., None]), 0.0)
+  return d_us, d_ut
 
 
-_kl_scaled.defvjp(_kl_scaled_fwd, _kl_scaled_bwd)
+_kl_shifted.defvjp(_kl_shifted_fwd, _kl_shifted_bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,19 +227,16 @@ def kl_divergence(student_logits: Array, teacher_logits: Array, *,
   """
   check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
   check_positive(temperature, "temperature")
-  s = as_float32(student_logits) / temperature
-  t = as_float32(teacher_logits) / temperature
-  return _kl_scaled(s, t)
+  us = scaled_shift(as_float32(student_logits), temperature)
+  ut = scaled_shift(as_float32(teacher_logits), temperature)
+  return _kl_shifted(us, ut)
 
 
 def _target_split(u: jax.Array, lse: jax.Array, onehot: jax.Array):
   """For shifted logits u: (log p_y, log Σ_{c≠y} p_c, lse of the non-target classes)."""
   log_p_target = jnp.sum(jnp.where(onehot, u, 0.0), axis=-1) - lse
   masked = jnp.where(onehot, -jnp.inf, u)
-  # The shift m is a constant for autodiff on both sides of the identity
-  # lse(x) = log Σ exp(x − m) + m; stopping it on one side only would corrupt the gradient.
-  m = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  m = row_max(masked)
   lse_other = jnp.log(jnp.sum(jnp.exp(masked - m), axis=-1)) + m[..., 0]
   return log_p_target, lse_other - lse, lse_other
 
@@ -246,11 +268,9 @@ def dkd_divergence(student_logits: Array, teacher_logits: Array, labels: Array, 
     raise ValueError("dkd_divergence needs at least 2 classes.")
   check_labels(labels, student_logits)
   check_positive(temperature, "temperature")
-  s = as_float32(student_logits) / temperature
-  t = as_float32(teacher_logits) / temperature
-  onehot = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)
-  us, lse_s = shifted_logsumexp(s)
-  ut, lse_t = shifted_logsumexp(t)
+  onehot = jax.nn.one_hot(labels, jnp.shape(student_logits)[-1], dtype=bool)
+  us, lse_s = shifted_logsumexp(as_float32(student_logits), temperature)
+  ut, lse_t = shifted_logsumexp(as_float32(teacher_logits), temperature)
   ly_s, lo_s, lse_other_s = _target_split(us, lse_s, onehot)
   ly_t, lo_t, lse_other_t = _target_split(ut, lse_t, onehot)
   py_t, po_t = jnp.exp(ly_t), jnp.exp(lo_t)

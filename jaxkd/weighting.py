@@ -58,9 +58,10 @@ def _logits_and_mask(logits: Array, where: Array | None, name: str) -> jax.Array
 def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
   """Per-example Shannon entropy (natural log) of softmax(z/τ).
 
-    H_i = −Σ_c p_ic log p_ic = lse(u_i) − Σ_c p_ic u_ic,  u = z/τ − max(z/τ)
+    H_i = −Σ_c p_ic log p_ic = log Z_i − Σ_c e_ic u_ic / Z_i,
+    u = z/τ − max(z/τ),  e = exp(u),  Z = Σ_c e_c
 
-  computed without the log of a softmax; 0·log 0 = 0. The ER-KD reference clamps p at 1e-10
+  computed without the log of a softmax, in one sweep for both sums; 0·log 0 = 0. The ER-KD reference clamps p at 1e-10
   inside the log, which differs from this by less than C · 1e-10 · 23.
 
   Args:
@@ -73,9 +74,9 @@ def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
   if jnp.ndim(logits) < 1:
     raise ValueError(f"logits must have a class axis (last axis), got shape {jnp.shape(logits)}.")
   losses.check_positive(temperature, "temperature")
-  u, lse = losses.shifted_logsumexp(losses.as_float32(logits) / temperature)
-  p = jnp.exp(u - lse[..., None])
-  return lse - losses.expectation(p, u)
+  u = losses.scaled_shift(losses.as_float32(logits), temperature)
+  total, moment = losses.softmax_moments(u)
+  return jnp.log(total) - moment / total
 
 
 def teacher_entropy_weights(teacher_logits: Array, *, temperature: float = 4.0,
@@ -143,6 +144,20 @@ def adaptive_entropy_weights(teacher_logits: Array, student_logits: Array, *,
   return _finish(0.5 * h_t * (1.0 + h_s / h_ub), normalize, where)
 
 
+def _centered_scale(z: jax.Array, eps: float) -> jax.Array:
+  """std_c(z) + eps per row (unbiased), `[..., 1]`, from one sweep of Σd and Σd².
+
+  d = z − max z: shifting by the row maximum (already computed for the softmax) keeps the
+  one-pass variance Σd²/(C−1) − (Σd)²/(C(C−1)) well conditioned in float32.
+  """
+  c = z.shape[-1]
+  d = z - losses.row_max(z)
+  s1 = jnp.sum(d, axis=-1, keepdims=True)
+  s2 = jnp.sum(d * d, axis=-1, keepdims=True)
+  var = jnp.maximum(s2 - s1 * s1 / c, 0.0) / max(c - 1, 1)
+  return jnp.sqrt(var) + eps
+
+
 def standardize_logits(logits: Array, *, eps: float = 1e-7) -> jax.Array:
   """Per-example z-score over the class axis: (z − mean_c z) / (std_c z + eps).
 
@@ -150,14 +165,18 @@ def standardize_logits(logits: Array, *, eps: float = 1e-7) -> jax.Array:
   is also what the EA-KD code uses. `[..., C]` -> `[..., C]` float32.
   """
   z = losses.as_float32(logits)
-  mean = jnp.mean(z, axis=-1, keepdims=True)
-  std = jnp.std(z, axis=-1, keepdims=True, ddof=1)
-  return (z - mean) / (std + eps)
+  return (z - jnp.mean(z, axis=-1, keepdims=True)) / _centered_scale(z, eps)
 
 
-def _log_likelihood(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """log softmax(z)_y per example."""
-  u, lse = losses.shifted_logsumexp(logits)
+def _standardized_log_likelihood(logits: jax.Array, labels: jax.Array,
+                                 standardize: bool) -> jax.Array:
+  """log softmax(std(z))_y per example (or of z itself without standardisation).
+
+  The mean cancels inside a softmax, and the max of the z-scores is that of z mapped by the
+  same increasing affine map, so the shifted z-scores are (z − max z) / (std + eps).
+  """
+  scale = _centered_scale(logits, 1e-7) if standardize else 1.0
+  u, lse = losses.shifted_logsumexp(logits, scale)
   return jnp.take_along_axis(u, labels[..., None], axis=-1)[..., 0] - lse
 
 
@@ -203,13 +222,11 @@ def inverse_propensity_weights(kd_logits: Array, ce_logits: Array, labels: Array
     losses.check_positive(max_weight, "max_weight")
   f = _logits_and_mask(kd_logits, where, "kd_logits")
   g = _logits_and_mask(ce_logits, where, "ce_logits")
-  if standardize:
-    f, g = standardize_logits(f), standardize_logits(g)
   labels = jnp.asarray(labels)
   if where is not None:
     labels = jnp.where(jnp.asarray(where, bool), labels, 0)
-  log_q_kd = _log_likelihood(f, labels)
-  log_q_ce = _log_likelihood(g, labels)
+  log_q_kd = _standardized_log_likelihood(f, labels, standardize)
+  log_q_ce = _standardized_log_likelihood(g, labels, standardize)
   if estimator == "likelihood_ratio":
     w = 1.0 + jnp.exp(log_q_ce - log_q_kd)
   else:
