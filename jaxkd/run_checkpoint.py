@@ -38,23 +38,3 @@ def restore_run(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[A
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   return restored.state, restored.meta
 
-
-# TEMPORARY until jaxkd/checkpoint.py (model-zoo work) lands: model variables as a teacher.
-import json as _json
-
-
-def save_model_variables(directory, variables, *, model, num_classes, source=""):
-  directory = os.path.abspath(directory)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "variables"), variables, force=True)
-  ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "metadata.json"), "w") as f:
-      _json.dump({"model": model, "num_classes": num_classes, "source": source}, f)
-
-
-def restore_model_variables(directory):
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "metadata.json")) as f:
-    meta = _json.load(f)
-  return ocp.StandardCheckpointer().restore(os.path.join(directory, "variables")), meta

@@ -88,3 +88,15 @@ def put_replicated(tree, mesh: Mesh):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   return jax.tree.map(put, tree)
+
+
+def avoid_cpu_collective_deadlocks() -> None:
+  """Dispatches synchronously when the devices are several CPU devices.
+
+  XLA's CPU devices share one thread pool. With several (virtual) CPU devices, two programs
+  that run collectives at the same time (a train step still running while the next batch or
+  an evaluation is dispatched) can starve each other's rendezvous, which XLA aborts after
+  40 s. Synchronous dispatch runs one program at a time; accelerators are unaffected.
+  """
+  if jax.default_backend() == "cpu" and jax.device_count() > 1:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)

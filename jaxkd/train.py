@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxkd import checkpoint
 from jaxkd import data as jdata
 from jaxkd import models
 from jaxkd import objectives
@@ -423,6 +424,7 @@ class Experiment:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
+    sharding.avoid_cpu_collective_deadlocks()
     self.mesh = sharding.make_mesh(devices)
     self.num_seeds = int(config.get("num_seeds", 1))
     self.seeds = [config.seed + i for i in range(self.num_seeds)]
@@ -504,7 +506,7 @@ class Experiment:
     c = self.config
     if c.mode != "distill":
       return None, None
-    variables, meta = run_checkpoint.restore_model_variables(os.path.abspath(c.teacher.checkpoint))
+    variables, meta = checkpoint.restore_model_variables(os.path.abspath(c.teacher.checkpoint))
     name = meta.get("model", c.teacher.model)
     if c.teacher.model and models.spec(name).name != models.spec(c.teacher.model).name:
       raise ValueError(f"teacher checkpoint {c.teacher.checkpoint} holds a {name}, but "
@@ -810,10 +812,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # The deployable model (params + BN statistics), in the converter's format: what a later
   # `distill` run names as its teacher.
   for i in seeds:
-    run_checkpoint.save_model_variables(
+    checkpoint.save_model_variables(
         os.path.join(workdir, f"model{suffix(i)}"), _seed_slice(model_variables(state), i),
         model=models.spec(config.model).name, num_classes=exp.num_classes,
-        source=f"jaxkd run {workdir}{suffix(i)}")
+        source=f"jaxkd run {workdir}{suffix(i)}", overwrite=True)
   for run in runs:
     run["last_top1"] = run["last"]["top1"] if "last" in run else None
   if exp.multi_seed:

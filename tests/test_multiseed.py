@@ -4,13 +4,14 @@ import jax
 import numpy as np
 
 import test_data_support
+from jaxkd import checkpoint
 from jaxkd import run_checkpoint
 from jaxkd import train
 from test_train import quick_config
 
 
 def _params(path):
-  return run_checkpoint.restore_model_variables(path)[0]
+  return checkpoint.restore_model_variables(path)[0]
 
 
 def test_num_seeds_gives_each_seed_the_single_seed_run(tmp_path):

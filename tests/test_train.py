@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 import test_data_support
 from jaxkd import config as jconfig
+from jaxkd import checkpoint
 from jaxkd import run_checkpoint
 from jaxkd import train
 
@@ -65,7 +66,7 @@ def read_metrics(workdir, prefix="train/loss"):
 
 
 def load_params(workdir):
-  variables, _ = run_checkpoint.restore_model_variables(os.path.join(workdir, "model"))
+  variables, _ = checkpoint.restore_model_variables(os.path.join(workdir, "model"))
   return variables
 
 
@@ -142,7 +143,7 @@ def test_one_device_and_eight_devices_agree(fmnist_dir, tmp_path):
   one, eight = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "eight"))
   np.testing.assert_allclose([v for _, v in one], [v for _, v in eight], rtol=1e-4)
   assert_trees_equal(load_params(str(tmp_path / "one")), load_params(str(tmp_path / "eight")),
-                     rtol=1e-4, atol=1e-6)
+                     rtol=1e-3, atol=1e-5)
 
 
 def test_real_learning_quick_teacher_one_epoch(fmnist_dir, tmp_path):
