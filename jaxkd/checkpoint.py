@@ -60,11 +60,14 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
   if jax.tree.structure(got) != jax.tree.structure(expected) or any(
       a.shape != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))):
     raise ValueError(f"variables do not fit {spec.name} with num_classes={num_classes}")
-  if os.path.exists(directory):
-    if not overwrite:
-      raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
-    shutil.rmtree(directory)
-  os.makedirs(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+  # Several processes save together (orbax needs every one of them); only the first touches
+  # the folder itself, and the others wait for it.
+  if jax.process_index() == 0:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+  _sync("jaxkd_model_variables_dir")
 
   variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), flax.core.unfreeze(variables))
   with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
@@ -80,10 +83,18 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
       "num_params": _count(variables["params"]),
       "source": source,
   }
-  with open(os.path.join(directory, METADATA_FILE), "w") as f:
-    json.dump(metadata, f, indent=2)
-    f.write("\n")
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, METADATA_FILE), "w") as f:
+      json.dump(metadata, f, indent=2)
+      f.write("\n")
+  _sync("jaxkd_model_variables_done")
   return metadata
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:

@@ -1,0 +1,433 @@
+"""The model zoo: parameter counts, PyTorch layouts and parity, BatchNorm, dtypes, sharding.
+
+CPU budget: shapes and counts come from abstract evaluation (nothing computed); each model's
+parity outputs (eval, train, bf16) come from one jit, or from one eager pass for the models
+made of repeated blocks (see `_EAGER`); batches are 4 images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import flax
+import jax
+import jax.extend
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+import torch
+
+import jaxkd.models as models
+from jaxkd.models import layers
+from jaxkd.models import torch_import
+import torch_models
+
+# Tiny batches gain nothing from threads, and on a shared CPU OpenMP's barriers make every
+# PyTorch op wait for a descheduled thread.
+torch.set_num_threads(1)
+
+ALL = models.available()
+STATE_DICTS = Path(__file__).parents[2] / "shared/docs/STATE_DICTS.md"
+
+# Trainable parameters: METHODS Part II §6 (100 classes), STATE_DICTS.md headings (vgg11/16/19,
+# CIFAR ResNet34), torchvision (ImageNet ResNets, 1000 classes), ours (quick, 10 classes).
+PARAM_COUNTS = {
+    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756,
+    "resnet44": 667_188, "resnet56": 861_620, "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
+    "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436,
+    "vgg19": 20_086_692,
+    "MobileNetV2": 812_836, "ShuffleV1": 949_258, "ShuffleV2": 1_355_528,
+    "ResNet18": 11_220_132, "ResNet34": 21_328_292, "ResNet50": 23_705_252,
+    "resnet18_imagenet": 11_689_512, "resnet34_imagenet": 21_797_672,
+    "resnet50_imagenet": 25_557_032, "mobilenetv1_imagenet": 4_231_976,
+    "quick_teacher": 94_186, "quick_student": 5_178,
+}
+NUM_CLASSES = {"cifar": 100, "imagenet": 1000, "quick": 10}
+
+# STATE_DICTS.md headings that are not registry names.
+_DOC_NAMES = {"ResNet18 (cifar)": "ResNet18", "ResNet34 (cifar)": "ResNet34",
+              "ResNet50 (cifar)": "ResNet50", "ResNet18 (imagenet)": "resnet18_imagenet",
+              "ResNet34 (imagenet)": "resnet34_imagenet",
+              "ResNet50 (imagenet)": "resnet50_imagenet",
+              "MobileNetV1 (imagenet)": "mobilenetv1_imagenet"}
+
+
+def num_classes(name):
+  return NUM_CLASSES[models.dataset_family(name)]
+
+
+def abstract_variables(name, dtype=jnp.float32):
+  module = models.create(name, num_classes(name), dtype=dtype)
+  images = jnp.zeros((2, *models.input_shape(name)), jnp.float32)
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), images, train=False))
+
+
+def rel_err(actual, expected):
+  """max |actual - expected| / max |expected|."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def nhwc_to_torch(x):
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+# ------------------------------------------------------------------------------------------
+# Registry.
+# ------------------------------------------------------------------------------------------
+
+
+def test_registry_names_and_lookup():
+  expected = {"resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
+              "resnet110", "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1",
+              "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2",
+              "ShuffleV1", "ShuffleV2", "ResNet18", "ResNet34", "ResNet50",
+              "resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet",
+              "mobilenetv1_imagenet", "quick_teacher", "quick_student"}
+  assert set(ALL) == expected
+  assert ALL == sorted(ALL, key=str.lower)
+  assert set(PARAM_COUNTS) == expected
+  # Case-insensitive, with the peers' aliases.
+  assert models.spec("RESNET8X4").name == "resnet8x4"
+  assert models.spec("mobile_half").name == "MobileNetV2"
+  assert models.spec("shufflev1").name == "ShuffleV1"
+  assert models.spec("MobileNetV1").name == "mobilenetv1_imagenet"
+  assert models.spec("vgg13_bn").name == "vgg13"
+  assert isinstance(models.create("Resnet8", 10), flax.linen.Module)
+  with pytest.raises(ValueError, match=r"unknown model 'resnet9'.*resnet8x4"):
+    models.create("resnet9", 10)
+  with pytest.raises(ValueError, match="num_classes"):
+    models.create("resnet8", 0)
+  with pytest.raises(ValueError, match="num_classes"):
+    models.create("resnet8", 10.0)
+  assert models.create("resnet8", np.int64(10)).num_classes == 10
+  assert models.dataset_family("wrn_40_2") == "cifar"
+  assert models.input_shape("resnet50_imagenet") == (224, 224, 3)
+  assert models.input_shape("quick_student") == (28, 28, 1)
+  assert models.feature_dim("resnet32x4") == 256
+  assert models.create("ResNet50", 100).feature_dim == 2048
+
+
+# ------------------------------------------------------------------------------------------
+# Parameter counts, dtypes, output shapes (abstract evaluation: nothing is computed).
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameter_count_and_dtypes(name):
+  variables = abstract_variables(name, dtype=jnp.bfloat16)
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
+  assert n == PARAM_COUNTS[name]
+  # Parameters and BatchNorm statistics stay float32 whatever the compute dtype.
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+  assert set(variables) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_shapes(name):
+  h, w, c = models.input_shape(name)  # 32x32x3, 224x224x3 or 28x28x1
+  batch, classes = 3, num_classes(name)
+  images = jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32)
+  variables = abstract_variables(name)
+  # Eval mode in bf16: logits still float32.
+  bf16 = models.create(name, classes, dtype=jnp.bfloat16)
+  logits = jax.eval_shape(lambda v, x: bf16.apply(v, x), variables, images)
+  assert (logits.shape, logits.dtype) == ((batch, classes), jnp.float32)
+  # Train mode with features: logits, features [B, D] and the new statistics.
+  f32 = models.create(name, classes)
+  (logits, features), new = jax.eval_shape(
+      lambda v, x: f32.apply(v, x, train=True, return_features=True, mutable=["batch_stats"]),
+      variables, images)
+  assert (logits.shape, logits.dtype) == ((batch, classes), jnp.float32)
+  assert (features.shape, features.dtype) == ((batch, models.feature_dim(name)), jnp.float32)
+  assert new["batch_stats"] == variables["batch_stats"]  # same shapes and dtypes
+
+
+def test_wrong_input_channels_is_a_clear_error():
+  module = models.create("resnet8", 10)
+  with pytest.raises(ValueError, match="3 channels"):
+    jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch layouts: references, Flax modules and STATE_DICTS.md agree name for name.
+# ------------------------------------------------------------------------------------------
+
+
+def parse_state_dicts(path: Path) -> dict[str, dict]:
+  """{registry name: {"params": int, "entries": {key: shape}}} from STATE_DICTS.md."""
+  sections, current = {}, None
+  heading = re.compile(r"^### (.+?)\s+\(([\d,]+) trainable parameters, (\d+) state-dict")
+  entry = re.compile(r"^([\w.]+) \(([\d, ]*)\)$")
+  for line in path.read_text().splitlines():
+    if m := heading.match(line):
+      name = _DOC_NAMES.get(m.group(1), m.group(1))
+      current = sections[name] = {"params": int(m.group(2).replace(",", "")),
+                                  "count": int(m.group(3)), "entries": {}}
+    elif current is not None and (m := entry.match(line)):
+      shape = tuple(int(s) for s in m.group(2).replace(" ", "").split(",") if s)
+      current["entries"][m.group(1)] = shape
+  return sections
+
+
+@pytest.fixture(scope="module")
+def documented_state_dicts():
+  if not STATE_DICTS.exists():
+    pytest.skip(f"{STATE_DICTS} not present")
+  return parse_state_dicts(STATE_DICTS)
+
+
+def test_state_dicts_doc_covers_every_pytorch_model(documented_state_dicts):
+  assert set(documented_state_dicts) == {n for n in ALL if not n.startswith("quick")}
+  for name, doc in documented_state_dicts.items():
+    assert len(doc["entries"]) == doc["count"], name
+    assert doc["params"] == PARAM_COUNTS[name], name
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not n.startswith("quick")])
+def test_layouts_match_state_dicts_doc(name, documented_state_dicts):
+  doc = documented_state_dicts[name]["entries"]
+  reference = torch_models.build(name, num_classes(name)).state_dict()
+  assert {k: tuple(v.shape) for k, v in reference.items()} == doc
+  flax_layout = {k: shape for k, (_, _, shape) in
+                 torch_import.torch_layout(name, num_classes(name)).items()}
+  assert flax_layout == {k: s for k, s in doc.items() if not k.endswith("num_batches_tracked")}
+
+
+# ------------------------------------------------------------------------------------------
+# Numerical parity with the PyTorch references (random weights and BN statistics).
+# ------------------------------------------------------------------------------------------
+
+
+def _input_shape(name):
+  # The ImageNet ResNets run at 64x64 to keep the CPU time small (global pooling makes the
+  # models size-agnostic); MobileNetV1 runs at the native 224x224.
+  h, w, c = models.input_shape(name)
+  if models.dataset_family(name) == "imagenet" and name != "mobilenetv1_imagenet":
+    return (64, 64, c)
+  return (h, w, c)
+
+
+def standard_batch_norm(variables):
+  """`variables` with every BatchNorm as after init: scale 1, bias 0, mean 0, var 1."""
+  params = flax.traverse_util.flatten_dict(variables["params"])
+  for path in [p for p in params if p[-1] == "scale"]:
+    params[path] = jnp.ones_like(params[path])
+    params[path[:-1] + ("bias",)] = jnp.zeros_like(params[path[:-1] + ("bias",)])
+  stats = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if p[-1].key == "mean" else jnp.ones_like(x),
+      variables["batch_stats"])
+  return {"params": flax.traverse_util.unflatten_dict(params), "batch_stats": stats}
+
+
+# Models made of repeated blocks run op by op: each distinct op shape compiles once and serves
+# every block (and the family's other depths), while one XLA compile of the whole net grows
+# with its depth. The others (many distinct shapes) are cheaper as one jit.
+_EAGER = {n for n in ALL if re.fullmatch(r"resnet\d+(x4)?|wrn_\d+_\d", n)}
+
+
+def flax_outputs(name, variables, images):
+  """Everything the parity tests compare, from one jit (or one eager pass) per model."""
+  model = models.create(name, num_classes(name))
+  model_bf16 = models.create(name, num_classes(name), dtype=jnp.bfloat16)
+
+  def compute(variables, standard, images):
+    logits, features = model.apply(variables, images, train=False, return_features=True)
+    train_logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return {"logits": logits, "features": features, "train_logits": train_logits,
+            "batch_stats": updates["batch_stats"],
+            "standard_f32": model.apply(standard, images),
+            "standard_bf16": model_bf16.apply(standard, images)}
+
+  if name not in _EAGER:
+    compute = jax.jit(compute)
+  return compute(variables, standard_batch_norm(variables), images)
+
+
+@dataclasses.dataclass
+class Reference:
+  name: str
+  images: np.ndarray       # [B, H, W, C]
+  variables: dict          # imported from the PyTorch module
+  torch_logits: np.ndarray
+  torch_train_logits: np.ndarray
+  torch_batch_stats: dict  # the module's running statistics after its train-mode forward
+  flax: dict               # flax_outputs()
+
+
+@pytest.fixture(scope="module", params=ALL)
+def reference(request):
+  """A random PyTorch reference (random weights and BN statistics), its outputs in eval and
+  train mode, its weights imported into Flax, and the Flax outputs."""
+  name = request.param
+  images = np.random.default_rng(0).standard_normal((4, *_input_shape(name)), np.float32)
+  x = nhwc_to_torch(images)
+  module = torch_models.build(name, num_classes(name))
+  torch_models.randomize_(module, seed=0, images=x)
+  variables = torch_import.from_state_dict(name, module.state_dict(), num_classes(name))
+  with torch.no_grad():
+    torch_logits = module.eval()(x).numpy()
+    torch_train_logits = module.train()(x).numpy()
+  after = torch_import.from_state_dict(name, module.state_dict(), num_classes(name))
+  return Reference(name, images, variables, torch_logits, torch_train_logits,
+                   after["batch_stats"], flax_outputs(name, variables, images))
+
+
+def test_eval_logits_and_features_match_pytorch(reference):
+  ref, out = reference, reference.flax
+  assert out["logits"].dtype == jnp.float32
+  assert rel_err(out["logits"], ref.torch_logits) < 1e-4
+  # The features are the pooled classifier input: logits = features @ W + b.
+  assert out["features"].shape == (4, models.feature_dim(ref.name))
+  (head,) = [v for v in ref.variables["params"].values()
+             if "kernel" in v and v["kernel"].ndim == 2]
+  assert rel_err(out["features"] @ head["kernel"] + head["bias"], out["logits"]) < 1e-5
+
+
+def test_train_forward_and_batch_stats_match_pytorch(reference):
+  ref, out = reference, reference.flax
+  assert rel_err(out["train_logits"], ref.torch_train_logits) < 1e-4
+  ours = flax.traverse_util.flatten_dict(out["batch_stats"], sep="/")
+  theirs = flax.traverse_util.flatten_dict(ref.torch_batch_stats, sep="/")
+  assert ours.keys() == theirs.keys()
+  for key in ours:  # running_var with the unbiased batch variance, as PyTorch
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=2e-3, atol=1e-4, err_msg=key)
+
+
+def test_bfloat16_forward_close_to_float32(reference):
+  # With BatchNorm in its init state: the randomised statistics make the deepest random nets
+  # chaotic (a 1e-3 perturbation of the input grows to 20% of the logits), which would test
+  # the random net rather than the bf16 path.
+  f32, bf16 = reference.flax["standard_f32"], reference.flax["standard_bf16"]
+  assert bf16.dtype == jnp.float32
+  assert np.all(np.isfinite(bf16))
+  assert np.linalg.norm(bf16 - f32) / np.linalg.norm(f32) < 0.05
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bfloat16_computes_every_conv_and_matmul_in_bfloat16(name):
+  # A layer that forgot `dtype` would still give close logits; the traced program shows it.
+  module = models.create(name, num_classes(name), dtype=jnp.bfloat16)
+  images = jax.ShapeDtypeStruct((2, *models.input_shape(name)), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x))(abstract_variables(name), images)
+
+  def equations(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from equations(sub)
+
+  heavy = [e for e in equations(jaxpr.jaxpr)
+           if e.primitive.name in ("conv_general_dilated", "dot_general")]
+  assert heavy
+  for e in heavy:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm semantics, initialisation, sharding.
+# ------------------------------------------------------------------------------------------
+
+
+def test_batch_norm_is_pytorch_batch_norm():
+  x = np.random.default_rng(0).standard_normal((4, 3, 3, 5), np.float32) * 2 + 1
+  bn = layers.BatchNorm()
+  variables = bn.init(jax.random.key(0), x, train=False)
+  scale = np.linspace(0.5, 1.5, 5, dtype=np.float32)
+  bias = np.linspace(-1, 1, 5, dtype=np.float32)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": np.full(5, 0.3, np.float32),
+                               "var": np.full(5, 2.0, np.float32)}}
+  y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+
+  n = 4 * 3 * 3
+  mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))  # biased
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5) * scale + bias, atol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.9 * 0.3 + 0.1 * mean, rtol=1e-6)
+  # running_var takes the *unbiased* batch variance.
+  np.testing.assert_allclose(updates["batch_stats"]["var"],
+                             0.9 * 2.0 + 0.1 * var * n / (n - 1), rtol=1e-6)
+
+  reference = torch.nn.BatchNorm2d(5)
+  with torch.no_grad():
+    reference.weight.copy_(torch.from_numpy(scale))
+    reference.bias.copy_(torch.from_numpy(bias))
+    reference.running_mean.fill_(0.3)
+    reference.running_var.fill_(2.0)
+    expected = reference(nhwc_to_torch(x)).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["var"], reference.running_var, rtol=1e-6)
+
+  # Eval mode: the running statistics, nothing mutated.
+  y_eval = bn.apply(variables, x, train=False)
+  np.testing.assert_allclose(y_eval, (x - 0.3) / np.sqrt(2.0 + 1e-5) * scale + bias, atol=1e-5)
+
+  # bf16 compute: bf16 out, float32 statistics.
+  y16, updates16 = layers.BatchNorm(dtype=jnp.bfloat16).apply(
+      variables, x.astype(jnp.bfloat16), train=True, mutable=["batch_stats"])
+  assert y16.dtype == jnp.bfloat16
+  assert updates16["batch_stats"]["var"].dtype == jnp.float32
+
+
+def test_initialisation_follows_the_reference_models():
+  x = jnp.zeros((1, 32, 32, 3))
+  # ResNet: conv Kaiming-normal fan_out, BN 1 / 0, classifier PyTorch default.
+  v = models.create("resnet8", 100).init(jax.random.key(0), x)
+  kernel = v["params"]["layer3_0"]["conv2"]["kernel"]  # 3x3, 64 -> 64
+  np.testing.assert_allclose(np.std(kernel), math.sqrt(2 / (9 * 64)), rtol=0.03)
+  bn, stats = v["params"]["bn1"], v["batch_stats"]["bn1"]
+  assert np.all(bn["scale"] == 1) and np.all(bn["bias"] == 0)
+  assert np.all(stats["mean"] == 0) and np.all(stats["var"] == 1)
+  fc, bound = v["params"]["fc"], 1 / math.sqrt(64)
+  assert np.max(np.abs(fc["kernel"])) <= bound and np.max(np.abs(fc["kernel"])) > 0.95 * bound
+  assert np.max(np.abs(fc["bias"])) <= bound and np.std(fc["bias"]) > 0.4 * bound
+  # VGG: conv bias 0, classifier N(0, 0.01) with bias 0.
+  v = models.create("vgg8", 100).init(jax.random.key(0), x)
+  assert np.all(v["params"]["block0_0"]["bias"] == 0)
+  np.testing.assert_allclose(np.std(v["params"]["classifier"]["kernel"]), 0.01, rtol=0.05)
+  assert np.all(v["params"]["classifier"]["bias"] == 0)
+  # WRN: classifier bias 0.
+  v = models.create("wrn_16_1", 100).init(jax.random.key(0), x)
+  assert np.all(v["params"]["fc"]["bias"] == 0)
+  # PyTorch default (ShuffleNets): U(+-1/sqrt(fan_in)), fan_in counting the groups.
+  conv = layers.Conv(240, 1, groups=3)
+  k = conv.init(jax.random.key(0), jnp.zeros((1, 4, 4, 480)))["params"]["kernel"]
+  assert k.shape == (1, 1, 160, 240)
+  bound = 1 / math.sqrt(160)
+  assert np.max(np.abs(k)) <= bound and np.max(np.abs(k)) > 0.99 * bound
+
+
+def test_sharded_train_forward_matches_single_device():
+  # BatchNorm's batch statistics under jit over a globally sharded batch are the global
+  # batch's: the sharded forward equals the unsharded one.
+  model = models.create("resnet8", 10)
+  images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images[:1])
+
+  def forward(v, x):
+    return model.apply(v, x, train=True, return_features=True, mutable=["batch_stats"])
+
+  (logits, features), updates = jax.jit(forward)(variables, images)
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  sharded = jax.jit(forward, in_shardings=(replicated, batch),
+                    out_shardings=((batch, batch), replicated))
+  x = jax.device_put(images, batch)
+  assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape[0] == 2
+  (logits8, features8), updates8 = sharded(jax.device_put(variables, replicated), x)
+
+  np.testing.assert_allclose(logits8, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features8, features, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(updates8), jax.tree.leaves(updates)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Per-device statistics (2 images each) would differ from the global ones by far more.
+  per_device = jax.jit(forward)(variables, images[:2])[1]
+  assert not np.allclose(jax.tree.leaves(per_device)[0], jax.tree.leaves(updates)[0], atol=1e-3)
