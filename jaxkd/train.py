@@ -197,7 +197,9 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
 
   # A non-finite loss leaves the state as it was and records the step: the loop stops with
   # a clear error, and no checkpoint ever holds NaNs.
-  finite = jnp.isfinite(loss)
+  # The loss can still be finite on the step whose update overflows the parameters.
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   predictions = state.predictions
   if fns.mode == "self_distill":

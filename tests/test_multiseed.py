@@ -7,7 +7,7 @@ import test_data_support
 from jaxkd import checkpoint
 from jaxkd import run_checkpoint
 from jaxkd import train
-from test_train import quick_config
+from test_train import quick_config, train_run
 
 
 def _params(path):
@@ -18,12 +18,12 @@ def test_num_seeds_gives_each_seed_the_single_seed_run(tmp_path):
   """Seed i of a num_seeds=3 run equals a single-seed run with seed config.seed + i
   (own initialisation, own data order), up to the numerics of batched convolutions."""
   data_dir = test_data_support.fashion_data_dir()
-  multi = train.train_and_evaluate(quick_config(data_dir, steps=4, num_seeds=3, seed=5),
+  multi = train_run(quick_config(data_dir, steps=4, num_seeds=3, seed=5),
                                    str(tmp_path / "multi"))
   assert multi["num_seeds"] == 3 and len(multi["seeds"]) == 3
   assert multi["best_top1"]["std"] >= 0.0
   for i in (2,):
-    single = train.train_and_evaluate(quick_config(data_dir, steps=4, seed=5 + i),
+    single = train_run(quick_config(data_dir, steps=4, seed=5 + i),
                                       str(tmp_path / f"single{i}"))
     a, b = _params(str(tmp_path / "multi" / f"model_seed{i}")), _params(
         str(tmp_path / f"single{i}" / "model"))
@@ -40,7 +40,7 @@ def test_bfloat16_training_is_finite_and_learns(tmp_path):
   data_dir = test_data_support.fashion_data_dir()
   c = quick_config(data_dir, steps=120, batch=64, dtype="bfloat16")
   c.log_every_steps = 20
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = train_run(c, str(tmp_path))
   assert summary["last_top1"] > 60.0, summary["last_top1"]   # chance is 10%
   variables = _params(str(tmp_path / "model"))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(variables))
