@@ -477,7 +477,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
       f"# Training-step benchmark on {meta['device']}", "",
       f"{meta['date']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
       + ("; no PyTorch baseline." if meta["torch_device"] is None else
-         f"; PyTorch on {meta['torch_device']}, {meta['torch_threads']} threads."), "",
+         f"; PyTorch on {meta['torch_device']}, torch.get_num_threads() = "
+         f"{meta['torch_threads']}."), "",
       "One step = teacher inference forward + student forward/backward/SGD update on random "
       f"normalised images (no input pipeline). Median of {meta['repeats']} steps after "
       f"{meta['warmup']} warm-up steps, compile excluded, every step synchronised. "
