@@ -98,5 +98,11 @@ def avoid_cpu_collective_deadlocks() -> None:
   an evaluation is dispatched) can starve each other's rendezvous, which XLA aborts after
   40 s. Synchronous dispatch runs one program at a time; accelerators are unaffected.
   """
-  if jax.default_backend() == "cpu" and jax.device_count() > 1:
+  if multi_device_cpu():
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def multi_device_cpu() -> bool:
+  """Several CPU devices (virtual ones in tests): run one program at a time there, which
+  also means no asynchronous checkpoint writes competing with a step's collectives."""
+  return jax.default_backend() == "cpu" and jax.device_count() > 1

@@ -694,7 +694,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _save_run_info(config, workdir, exp)
   writer = MetricWriter(workdir)
   manager = run_checkpoint.run_manager(os.path.join(workdir, "checkpoints"),
-                                       keep=config.checkpoint.keep)
+                                       keep=config.checkpoint.keep,
+                                       async_save=not sharding.multi_device_cpu())
   state = exp.init_state()
   runs = [{"seed": config.seed + (i or 0), "best_top1": None, "best_epoch": None,
            "history": []} for i in seeds]

@@ -225,7 +225,7 @@ def run_cli_config(workdir, data_dir, steps, extra=()):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(fmnist_dir, tmp_path):
   steps = 40
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   full = cli(run_cli_config(str(tmp_path / "full"), fmnist_dir, steps), env=env, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
 
