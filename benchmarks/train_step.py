@@ -18,7 +18,8 @@ achieved FLOP/s against the device's peak, and the projected wall-clock of the r
 time only: no input pipeline, evaluation or checkpoints). Each objective other than CE and KD
 is timed alternating step by step with plain KD, so that its overhead is a paired estimate that
 a varying machine load does not bias. With --seeds, the KD step again with num_seeds = S
-students in one program; images/s counts all S students' images.
+students in one program, once per --seeds-per-vmap strategy (all S vectorised in one vmap,
+or a loop of single students); images/s counts all S students' images.
 
   python benchmarks/train_step.py                      # default matrix for this device
   python benchmarks/train_step.py --pairs resnet32x4-resnet8x4 --objectives kd,erkd \\
@@ -199,8 +200,14 @@ def calibrated_teacher(teacher, images: jax.Array, key: jax.Array) -> dict:
   return {"params": variables["params"], "batch_stats": stats}
 
 
-def jax_step(teacher: str, student: str, method: str, batch: int, dtype: str, seeds: int):
-  """The compiled jaxkd step and its inputs: (run, compile seconds, FLOPs, last metrics)."""
+def jax_step(teacher: str, student: str, method: str, batch: int, dtype: str, seeds: int,
+             seeds_per_vmap: int | None = None):
+  """The compiled jaxkd step: (run, compile seconds, FLOPs, last metrics, compiled).
+
+  `run()` takes one synchronised step, feeding each step's state to the next.
+
+  With seeds > 1, `seeds_per_vmap` of the students are vectorised together (None: all).
+  """
   c = jax_config(teacher, student, method, batch, dtype, seeds)
   classes, steps_per_epoch, shape, _ = recipe(student, batch)
   fns = train.make_step_fns(c, num_classes=classes, steps_per_epoch=steps_per_epoch,
@@ -215,7 +222,7 @@ def jax_step(teacher: str, student: str, method: str, batch: int, dtype: str, se
   else:  # S independent students, each its own initialisation and batch; one shared teacher
     state = jax.jit(jax.vmap(init))(jax.random.split(jax.random.PRNGKey(0), seeds))
     data = jax.device_put(jax.tree.map(lambda *x: np.stack(x), *batches))
-    step_fn = train.multi_seed_train_step
+    step_fn = functools.partial(train.multi_seed_train_step, seeds_per_vmap=seeds_per_vmap)
   teacher_vars = None
   if fns.teacher is not None:
     teacher_vars = calibrated_teacher(fns.teacher, jnp.asarray(batches[0]["image"]),
@@ -230,7 +237,7 @@ def jax_step(teacher: str, student: str, method: str, batch: int, dtype: str, se
     carry["state"], carry["metrics"] = compiled(carry["state"], data, teacher_vars)
     jax.block_until_ready(carry)
 
-  return run, compile_s, xla_flops(compiled), lambda: carry["metrics"]
+  return run, compile_s, xla_flops(compiled), lambda: carry["metrics"], compiled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +352,10 @@ def measure(side: str, build, ref, args, row: dict) -> Any:
     return None
 
 
-def measure_group(args, device, torch_env, pair: str, batch: int, methods, seeds: int):
-  """The rows of one pair, batch and seed count; plain KD first, kept as the reference."""
+def measure_group(args, device, torch_env, pair: str, batch: int, methods, seeds: int,
+                  seeds_per_vmap: int | None = None):
+  """The rows of one pair, batch and seed count (and, for several seeds, how many are
+  vectorised together); plain KD first, kept as the reference."""
   teacher, student = PAIRS[pair]
   methods = sorted(methods, key=lambda m: m != "kd")
   torch_dev = None if torch_env is None else torch_device(torch_env[0])
@@ -354,12 +363,12 @@ def measure_group(args, device, torch_env, pair: str, batch: int, methods, seeds
   for method in methods:
     row = dict(pair=pair, teacher=teacher, student=student, batch=batch,
                objective=OBJECTIVES[method][0], method=method, dtype=args.dtype,
-               num_seeds=seeds)
+               num_seeds=seeds, seeds_per_vmap=seeds_per_vmap)
     paired = method not in ("kd", "ce")
 
     def build_jax(method=method, row=row):
-      run, compile_s, flops, metrics = jax_step(teacher, student, method, batch, args.dtype,
-                                                seeds)
+      run, compile_s, flops, metrics, _ = jax_step(teacher, student, method, batch, args.dtype,
+                                                seeds, seeds_per_vmap)
       row.update(jax_compile_s=compile_s,
                  gflop_per_step=None if flops is None else flops / 1e9)
       finite = lambda: dict(jax_finite=bool(np.all(np.isfinite(np.asarray(metrics()["loss"])))))
@@ -405,6 +414,8 @@ def derive(row: dict, device: str) -> None:
 
 def format_line(r: dict) -> str:
   head = f"{r['pair']:>36} b{r['batch']:<4} {r['objective']:>6} S={r['num_seeds']}"
+  if r.get("seeds_per_vmap"):
+    head += f" ({_strategy(r)})"
   if "jax_ms" not in r:
     return f"{head}: jaxkd failed: {r.get('jax_error')}"
   line = f"{head}: jaxkd {r['jax_ms']:9.1f} ms {r['jax_img_s']:8.1f} img/s"
@@ -536,16 +547,25 @@ def seeds_table(rows: list[dict]) -> list[str]:
     return []
   single = {(r["pair"], r["batch"], r["method"]): r for r in rows if r["num_seeds"] == 1}
   out = ["", "## num_seeds: S students in one jitted step", "",
-         "| pair | batch | objective | S | S=1 img/s (ms) | S img/s (ms) | speed-up in img/s |",
-         "|---|---|---|---|---|---|---|"]
+         "*seeds vectorised*: how many students share one `jax.vmap` (their convolutions "
+         "become one grouped convolution); the groups run one after another in the same "
+         "program (`jax.lax.map`). *speed-up* = S students' images/s over one student's.", "",
+         "| pair | batch | objective | S | seeds vectorised | S=1 img/s (ms) | S img/s (ms) | "
+         "speed-up in img/s |",
+         "|---|---|---|---|---|---|---|---|"]
   for r in multi:
     one = single.get((r["pair"], r["batch"], r["method"]))
     if one is None or "jax_img_s" not in one:
       continue
     out.append(f"| {r['pair']} | {r['batch']} | {r['objective']} | {r['num_seeds']} | "
-               f"{one['jax_img_s']:.1f} ({one['jax_ms']:.0f}) | {r['jax_img_s']:.1f} "
+               f"{_strategy(r)} | {one['jax_img_s']:.1f} ({one['jax_ms']:.0f}) | {r['jax_img_s']:.1f} "
                f"({r['jax_ms']:.0f}) | {r['jax_img_s'] / one['jax_img_s']:.2f}x |")
   return out
+
+
+def _strategy(r: dict) -> str:
+  k = r.get("seeds_per_vmap") or r["num_seeds"]
+  return f"{k} (vmap)" if k >= r["num_seeds"] else ("1 (loop)" if k == 1 else f"{k} x vmap")
 
 
 def write_results(rows: list[dict], meta: dict, out: str) -> None:
@@ -575,6 +595,9 @@ def parse_args(argv, on_gpu: bool):
   p.add_argument("--seeds", default="1,5",
                  help="num_seeds values; S > 1 runs the --seed-objectives only")
   p.add_argument("--seed-objectives", default="kd")
+  p.add_argument("--seeds-per-vmap", default="0,1",
+                 help="for S > 1: comma list of how many students are vectorised together "
+                      "(0: all S in one vmap; 1: a loop of single students)")
   p.add_argument("--repeats", type=int, default=50 if on_gpu else 10)
   p.add_argument("--warmup", type=int, default=5 if on_gpu else 2)
   p.add_argument("--dtype", default="bfloat16" if on_gpu else "float32",
@@ -589,6 +612,7 @@ def parse_args(argv, on_gpu: bool):
   args.seed_objectives = [x for x in args.seed_objectives.split(",") if x]
   args.batch, args.imagenet_batch, args.seeds = (ints(args.batch), ints(args.imagenet_batch),
                                                   ints(args.seeds))
+  args.seeds_per_vmap = ints(args.seeds_per_vmap)
   for name, known in (("pair", PAIRS), ("objective", OBJECTIVES)):
     for x in getattr(args, name + "s") if name == "pair" else args.objectives:
       if x not in known:
@@ -596,14 +620,16 @@ def parse_args(argv, on_gpu: bool):
   return args
 
 
-def plan(args) -> list[tuple[str, int, list[str], int]]:
-  """(pair, batch, methods, seeds) of every group of rows timed against one plain KD."""
+def plan(args) -> list[tuple[str, int, list[str], int, int | None]]:
+  """(pair, batch, methods, seeds, seeds_per_vmap) of every group of rows timed against
+  one plain KD."""
   groups = []
   for pair in args.pairs:
     imagenet = models.dataset_family(PAIRS[pair][1]) == "imagenet"
     for batch in args.imagenet_batch if imagenet else args.batch:
-      groups.append((pair, batch, args.objectives, 1))
-      groups += [(pair, batch, args.seed_objectives, s) for s in args.seeds if s > 1]
+      groups.append((pair, batch, args.objectives, 1, None))
+      groups += [(pair, batch, args.seed_objectives, s, min(k or s, s))
+                 for s in args.seeds if s > 1 for k in args.seeds_per_vmap]
   return groups
 
 
@@ -621,8 +647,8 @@ def main(argv=None):
               notes=list(args.note))
   warn_if_loaded(meta["load_before"], meta["cpu_affinity"])
   start = time.perf_counter()
-  rows = [row for pair, batch, methods, seeds in plan(args)
-          for row in measure_group(args, device, torch_env, pair, batch, methods, seeds)]
+  rows = [row for group in plan(args)
+          for row in measure_group(args, device, torch_env, *group)]
   meta.update(load_after=load_average(), wall_s=round(time.perf_counter() - start, 1))
   write_results(rows, meta, args.out)
 

@@ -1,4 +1,4 @@
-"""Checkpoints: model variables (teachers) now; the trainer's CheckpointManager goes here too.
+"""Checkpoints: the model variables of teachers and students, and the runs that train them.
 
 A model-variables checkpoint is a directory:
 
@@ -8,6 +8,13 @@ A model-variables checkpoint is a directory:
 `python -m jaxkd.convert` writes one from a PyTorch file; a distillation run restores its
 teacher with `restore_model_variables` and never saves it again. orbax needs absolute paths
 (docs/ENVIRONMENT.md §6), so every path is made absolute here.
+
+A run checkpoint (`run_manager`, `save_run`, `restore_run`) is an orbax CheckpointManager
+step with two items: "state" (the whole TrainState: parameters, BatchNorm statistics,
+optimizer state, step, RNG, and in self-distillation the per-example prediction table) and
+"meta" (JSON: the data iterator's state and the run's evaluation summary). orbax writes each
+step to a temporary folder and renames it when complete, so an interrupted save is never
+picked up as the latest step.
 """
 
 from __future__ import annotations
@@ -140,3 +147,31 @@ def _abstract_variables(model: str, num_classes: int) -> Any:
   images = jnp.zeros((1, *models.input_shape(model)), jnp.float32)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), images, train=False))
   return flax.core.unfreeze(abstract)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run checkpoints: the trainer's state and metadata, every N steps.
+
+
+def run_manager(directory: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager for `directory` (made absolute: orbax fails on relative paths in its thread)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "meta"))
+
+
+def save_run(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+  """Starts saving `state` and `meta` as `step` (returns before the write completes)."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave(meta)))
+
+
+def restore_run(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
+  """Restores step `step` into the structure, dtypes and shardings of the pytree `like`."""
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  return restored.state, restored.meta
+

@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_steps = 0                             # > 0: stop early (smoke tests)
   c.seed = 0
   c.num_seeds = 1                             # > 1: seeds seed..seed+S-1 trained in one step
+  c.seeds_per_vmap = 0                        # seeds vectorised together; 0: all on GPU/TPU, 1 on CPU
   c.dtype = "float32"                         # compute dtype of teacher and student
 
   c.optimizer = ml_collections.ConfigDict()
@@ -185,6 +186,10 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None) -
   for field in ("batch_size", "eval_batch_size", "num_epochs", "num_seeds"):
     if not (isinstance(c[field], int) and c[field] > 0):
       raise ConfigError(f"config.{field} must be a positive integer, got {c[field]!r}.")
+  spv = c.get("seeds_per_vmap", 0)
+  if not (isinstance(spv, int) and 0 <= spv <= c.num_seeds):
+    raise ConfigError(f"config.seeds_per_vmap must be an integer from 0 (automatic) to "
+                      f"config.num_seeds={c.num_seeds}, got {spv!r}.")
   if c.optimizer.schedule not in ("step", "cosine"):
     raise ConfigError(f"config.optimizer.schedule must be step or cosine, got "
                       f"{c.optimizer.schedule!r}.")

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -36,7 +37,6 @@ from jaxkd import checkpoint
 from jaxkd import data as jdata
 from jaxkd import models
 from jaxkd import objectives
-from jaxkd import run_checkpoint
 from jaxkd import sharding
 
 MODES = ("teacher", "distill", "self_distill")
@@ -156,48 +156,73 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
     teacher_variables: the frozen teacher's {"params", "batch_stats"} (distill), else None.
 
   Returns:
-    (new state, metrics of this step, scalars).
+    (new state, the scalar metrics of this step).
   """
   images, labels = batch["image"], batch["label"]
   epoch = state.step // fns.steps_per_epoch + 1                # counted from 1
   teacher_logits = previous = None
+  # The named scopes label every op of the step in profiles (benchmarks/profile_step.py).
   if fns.mode == "distill":
-    teacher_logits = jax.lax.stop_gradient(
-        fns.teacher.apply(teacher_variables, images, train=False))
+    with jax.named_scope("teacher"):
+      teacher_logits = jax.lax.stop_gradient(
+          fns.teacher.apply(teacher_variables, images, train=False))
   elif fns.mode == "self_distill":
     previous = state.predictions[batch["index"]]
     unseen = jnp.sum(previous, axis=-1, keepdims=True) <= 0
     previous = jnp.where(unseen, jax.nn.one_hot(labels, fns.num_classes), previous)
 
   def loss_fn(params):
-    (logits, features), updates = fns.model.apply(
-        {"params": params["model"], "batch_stats": state.batch_stats}, images, train=True,
-        return_features=True, mutable=["batch_stats"])
+    with jax.named_scope("student"):
+      (logits, features), updates = fns.model.apply(
+          {"params": params["model"], "batch_stats": state.batch_stats}, images, train=True,
+          return_features=True, mutable=["batch_stats"])
     aux_logits = None
     if fns.aux_head is not None:
       if fns.loss.aux_head_stop_gradient:
         features = jax.lax.stop_gradient(features)
-      aux_logits = fns.aux_head.apply({"params": params["aux_head"]}, features)
-    if fns.mode == "self_distill":
-      alpha = objectives.pskd_alpha(fns.pskd_alpha, epoch, fns.num_epochs)
-      loss, metrics = objectives.self_distillation_loss(
-          fns.loss, logits, previous, labels, alpha=alpha,
-          use_ipw=epoch >= fns.ipw_start_epoch, aux_logits=aux_logits)
-    else:
-      ramp_epoch = ((state.step + 1) / fns.steps_per_epoch if fns.loss.dkd_warmup_per_step
-                    else epoch)
-      loss, metrics = objectives.distillation_loss(
-          fns.loss, logits, teacher_logits, labels, epoch=ramp_epoch, aux_logits=aux_logits)
-    return loss, (metrics, updates["batch_stats"], logits)
+      with jax.named_scope("aux_head"):
+        aux_logits = fns.aux_head.apply({"params": params["aux_head"]}, features)
+    with jax.named_scope("loss"):
+      return _objective(fns, state, epoch, logits, teacher_logits, previous, labels,
+                        aux_logits, updates["batch_stats"])
 
   (loss, (metrics, batch_stats, logits)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("finite_guard"):
+    new_state = _keep_if_finite(fns, state, batch, loss, params, batch_stats, opt_state, logits)
+  metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+  metrics["lr"] = fns.schedule(state.step)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return new_state, metrics
 
-  # A non-finite loss leaves the state as it was and records the step: the loop stops with
-  # a clear error, and no checkpoint ever holds NaNs.
-  # The loss can still be finite on the step whose update overflows the parameters.
+
+def _objective(fns: StepFns, state: TrainState, epoch, logits, teacher_logits, previous,
+               labels, aux_logits, batch_stats):
+  """The loss of `train_step` and its auxiliaries (metrics, new BN statistics, logits)."""
+  if fns.mode == "self_distill":
+    alpha = objectives.pskd_alpha(fns.pskd_alpha, epoch, fns.num_epochs)
+    loss, metrics = objectives.self_distillation_loss(
+        fns.loss, logits, previous, labels, alpha=alpha,
+        use_ipw=epoch >= fns.ipw_start_epoch, aux_logits=aux_logits)
+  else:
+    ramp_epoch = ((state.step + 1) / fns.steps_per_epoch if fns.loss.dkd_warmup_per_step
+                  else epoch)
+    loss, metrics = objectives.distillation_loss(
+        fns.loss, logits, teacher_logits, labels, epoch=ramp_epoch, aux_logits=aux_logits)
+  return loss, (metrics, batch_stats, logits)
+
+
+def _keep_if_finite(fns: StepFns, state: TrainState, batch, loss, params, batch_stats,
+                    opt_state, logits) -> TrainState:
+  """The next state, or the current one (with the step recorded) if the step went non-finite.
+
+  A non-finite loss leaves the state as it was: the loop stops with a clear error, and no
+  checkpoint ever holds NaNs. The parameters are checked too, because the loss can still be
+  finite on the step whose update overflows them.
+  """
   finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -205,7 +230,7 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
   if fns.mode == "self_distill":
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
     predictions = keep(predictions.at[batch["index"]].set(probs), predictions)
-  new_state = state.replace(
+  return state.replace(
       step=state.step + 1,
       params=keep(params, state.params),
       batch_stats=keep(batch_stats, state.batch_stats),
@@ -213,10 +238,6 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
       nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
                                state.nonfinite_step),
       predictions=predictions)
-  metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
-  metrics["lr"] = fns.schedule(state.step)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  return new_state, metrics
 
 
 def eval_step(model: nn.Module, num_classes: int, variables: Any,
@@ -337,12 +358,36 @@ def init_train_state(fns: StepFns, key: jax.Array, image_shape, feature_dim: int
                     rng=key, nonfinite_step=jnp.full((), -1, jnp.int32), predictions=predictions)
 
 
+def map_seeds(fn: Callable, xs: Any, seeds_per_vmap: int | None = None) -> Any:
+  """`fn` applied to each slice of `xs` along its leading seed axis S, results stacked.
+
+  Seeds are vectorised `seeds_per_vmap` at a time (`jax.vmap`: a convolution whose weights
+  carry the seed axis becomes one grouped convolution with S groups), and those chunks run
+  one after another inside the same program (`jax.lax.map`, a scan). None or S: all seeds in
+  one vmap, which fills a large accelerator; 1: a loop of ungrouped convolutions, for devices
+  where grouped convolutions are slow (XLA:CPU, see benchmarks/results/train-*.md).
+  """
+  num_seeds = jax.tree.leaves(xs)[0].shape[0]
+  if seeds_per_vmap is None or seeds_per_vmap >= num_seeds:
+    return jax.vmap(fn)(xs)
+  if seeds_per_vmap == 1:
+    return jax.lax.map(fn, xs)
+  return jax.lax.map(fn, xs, batch_size=seeds_per_vmap)
+
+
 def multi_seed_train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
-                          teacher_variables: Any):
-  """`train_step` vectorised over independent runs: state and batch carry a leading seed
-  axis S (each seed its own initialisation and data order); the teacher is shared."""
-  return jax.vmap(functools.partial(train_step, fns), in_axes=(0, 0, None))(
-      state, batch, teacher_variables)
+                          teacher_variables: Any, seeds_per_vmap: int | None = None):
+  """`train_step` over independent runs: state and batch carry a leading seed axis S (each
+  seed its own initialisation and data order); the teacher is shared. See `map_seeds` for
+  `seeds_per_vmap`."""
+  step = lambda args: train_step(fns, *args, teacher_variables)
+  return map_seeds(step, (state, batch), seeds_per_vmap)
+
+
+def default_seeds_per_vmap(num_seeds: int, platform: str) -> int:
+  """All seeds in one vmap on accelerators; one at a time on CPU, where XLA runs grouped
+  convolutions several times slower per FLOP than ungrouped ones."""
+  return 1 if platform == "cpu" else num_seeds
 
 
 class _StackedDeviceBatches:
@@ -420,7 +465,8 @@ class Experiment:
 
   With `config.num_seeds = S > 1`, S independent runs (seeds `config.seed + i`: their own
   initialisation and data order, each at the recipe's batch size) train in one jitted step
-  vectorised over the train state; everything then carries a leading seed axis.
+  over a train state stacked along a leading seed axis; `config.seeds_per_vmap` of them are
+  vectorised together (0: `default_seeds_per_vmap`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
@@ -430,6 +476,8 @@ class Experiment:
     self.mesh = sharding.make_mesh(devices)
     self.num_seeds = int(config.get("num_seeds", 1))
     self.seeds = [config.seed + i for i in range(self.num_seeds)]
+    self.seeds_per_vmap = (config.get("seeds_per_vmap", 0) or default_seeds_per_vmap(
+        self.num_seeds, self.mesh.devices.flat[0].platform))
     sharding.check_global_batch(config.batch_size, self.mesh)
     self._build_data()
     self.teacher_variables, teacher_name = self._restore_teacher()
@@ -533,15 +581,19 @@ class Experiment:
   @functools.cached_property
   def p_train_step(self):
     repl = sharding.replicated(self.mesh)
-    step = multi_seed_train_step if self.multi_seed else train_step
-    return jax.jit(functools.partial(step, self.fns), donate_argnums=(0,),
-                   out_shardings=(repl, repl))
+    step = functools.partial(train_step, self.fns)
+    if self.multi_seed:
+      step = functools.partial(multi_seed_train_step, self.fns,
+                               seeds_per_vmap=self.seeds_per_vmap)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
 
   @functools.cached_property
   def p_eval_step(self):
     fn = functools.partial(eval_step, self.model, self.num_classes)
     if self.multi_seed:
-      fn = jax.vmap(fn, in_axes=(0, None))
+      one = fn
+      fn = lambda variables, batch: map_seeds(lambda v: one(v, batch), variables,
+                                              self.seeds_per_vmap)
     return jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
 
   @functools.cached_property
@@ -693,7 +745,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   suffix = lambda i: "" if i is None else f"_seed{i}"
   _save_run_info(config, workdir, exp)
   writer = MetricWriter(workdir)
-  manager = run_checkpoint.run_manager(os.path.join(workdir, "checkpoints"),
+  manager = checkpoint.run_manager(os.path.join(workdir, "checkpoints"),
                                        keep=config.checkpoint.keep,
                                        async_save=not sharding.multi_device_cpu())
   state = exp.init_state()
@@ -702,7 +754,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   teacher = None
   latest = manager.latest_step()
   if latest is not None:
-    state, meta = run_checkpoint.restore_run(manager, latest, state)
+    state, meta = checkpoint.restore_run(manager, latest, state)
     runs, teacher = meta["runs"], meta.get("teacher")
     exp.train_iter.set_state(meta["data"])
     print(f"Resumed from {manager.directory}/{latest}.", flush=True)
@@ -723,7 +775,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def save(step: int, *, block: bool = False):
     if first_nonfinite() is not None:
       return
-    run_checkpoint.save_run(manager, step, state, {"data": exp.train_iter.get_state(),
+    checkpoint.save_run(manager, step, state, {"data": exp.train_iter.get_state(),
                                                    "runs": runs, "teacher": teacher})
     if block:
       manager.wait_until_finished()

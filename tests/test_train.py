@@ -4,6 +4,7 @@ Real Fashion-MNIST (Debian's files, prepared once per session) and tfds mock dat
 models and a few steps, except the one real-learning test.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,6 @@ import tensorflow_datasets as tfds
 import test_data_support
 from jaxkd import config as jconfig
 from jaxkd import checkpoint
-from jaxkd import run_checkpoint
 from jaxkd import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +85,25 @@ def assert_trees_equal(a, b, **tol):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@contextlib.contextmanager
+def count_compilations(fragment):
+  """Collects the names of the functions XLA compiles in the block whose name holds
+  `fragment` (compilations, not cache hits: jax reports each backend compile)."""
+  names = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    name = str(kwargs.get("fun_name", ""))
+    if event == "/jax/core/compile/backend_compile_duration" and fragment in name:
+      names.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(fmnist_dir, tmp_path_factory):
   """A quick teacher trained for a few steps (its quality does not matter here)."""
@@ -102,7 +121,11 @@ def test_modes_and_methods_run(fmnist_dir, teacher_dir, tmp_path, mode, method):
   c = quick_config(fmnist_dir, mode=mode, method=method, **{"teacher.checkpoint": teacher_dir})
   if mode == "self_distill":
     c.self_distill.ipw_start_epoch = 1
-  summary = train_run(c, str(tmp_path))
+  with count_compilations("train_step") as compiled:
+    summary = train_run(c, str(tmp_path))
+  # Six steps, one program: nothing in the loop (a Python scalar, a changed sharding or dtype
+  # of the state) makes XLA compile the step again.
+  assert compiled == ["jit(train_step)"], compiled
   assert summary["steps"] == 6 and 0 <= summary["last_top1"] <= 100
   losses = read_metrics(str(tmp_path))
   assert len(losses) == 6 and all(np.isfinite(v) for _, v in losses)
@@ -175,12 +198,12 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fmnist
   with pytest.raises(train.TrainingDiverged, match=r"NaN or inf at step \d+") as info:
     train_run(c, str(tmp_path))
   message = str(info.value)
-  mngr = run_checkpoint.run_manager(str(tmp_path / "checkpoints"))
+  mngr = checkpoint.run_manager(str(tmp_path / "checkpoints"))
   last = mngr.latest_step()
   if last is not None:
     assert f"checkpoints/{last}" in message
     state = train.Experiment(c, str(tmp_path), jax.devices()[:2]).init_state()
-    restored, _ = run_checkpoint.restore_run(mngr, last, state)
+    restored, _ = checkpoint.restore_run(mngr, last, state)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
 
 
