@@ -136,18 +136,30 @@ def kind(op: Op, comps: dict[str, list[Op]]) -> str:
     return "custom call"
   if opcodes & {"reduce", "reduce-window", "select-and-scatter", "scatter", "sort"}:
     return "reduction / scatter"
+  root = body[-1] if body else op    # XLA prints a computation's ROOT last
+  if "transpose" in opcodes and root.opcode in LAYOUT:
+    return "transpose (+ fused elementwise)"
   if opcodes and opcodes <= set(LAYOUT) | {"reshape", "broadcast", "slice", "concatenate",
                                            "dynamic-slice", "dynamic-update-slice", "pad"}:
     return "layout / copy"
   return "elementwise"
 
 
-def phase(op: Op) -> str:
-  """The step phase of an op from its JAX source path (`transpose(` marks the backward)."""
-  path = op.op_name
+def source(op: Op, comps: dict[str, list[Op]]) -> str:
+  """The JAX source path of an op; for a fusion without one, that of the last op inside
+  that has one (the nearest to its result)."""
+  if op.op_name or op.opcode != "fusion":
+    return op.op_name
+  body = comps.get((_called(op, "calls") or [""])[0], [])
+  return next((o.op_name for o in reversed(body) if o.op_name), "")
+
+
+def phase(path: str) -> str:
+  """The step phase from a JAX source path, e.g. "jit(train_step)/transpose(jvp(student))/
+  ResNet/conv" (`transpose(` marks the backward pass)."""
   backward = "transpose(" in path
   for scope in PHASES:
-    if f"/{scope}/" in path or path.endswith(f"/{scope}"):
+    if re.search(rf"(^|[/(]){scope}($|[/)])", path):
       if scope == "student":
         return "student backward" if backward else "student forward"
       return scope + (" backward" if backward and scope in ("loss", "aux_head") else "")
@@ -209,7 +221,7 @@ def profile(args) -> str:
   by_kind, by_phase = collections.Counter(), collections.Counter()
   n_kind, n_phase = collections.Counter(), collections.Counter()
   for op in ops:
-    k, p = kind(op, comps), phase(op)
+    k, p = kind(op, comps), phase(source(op, comps))
     n_kind[k] += 1
     n_phase[p] += 1
     by_kind[k] += times.get(op.name, 0.0)
@@ -228,8 +240,9 @@ def profile(args) -> str:
       f"Step: {step_s * 1e3:.1f} ms median (spread {spread:.1%}) over {args.repeats} steps; "
       f"compile {compile_s:.1f} s; XLA cost analysis {flops / 1e9 if flops else float('nan'):.1f}"
       f" GFLOP/step. Executed ops: {len(ops)} ({n_kind['convolution']} convolution, "
-      f"{n_kind['grouped convolution']} grouped convolution, {n_kind['layout / copy']} "
-      f"layout/copy, {n_kind['collective']} collective, {n_kind['host transfer']} host "
+      f"{n_kind['grouped convolution']} grouped convolution, "
+      f"{n_kind['layout / copy'] + n_kind['transpose (+ fused elementwise)']} layout "
+      f"transposes/copies, {n_kind['collective']} collective, {n_kind['host transfer']} host "
       f"transfer). Traced {args.steps} steps: {total / args.steps * 1e3:.1f} ms/step of op time "
       f"({times and len(times)} ops seen in the trace).", ""]
   lines += share_table("kind of op", by_kind, n_kind, args.steps, total) + [""]
@@ -238,9 +251,9 @@ def profile(args) -> str:
   lines += [f"Top {args.top} ops:", "", "| op | kind | phase | ms/step | share | source |",
             "|---|---|---|---|---|---|"]
   for sec, op in top:
-    source = op.op_name.split("/", 1)[-1][-90:]
-    lines.append(f"| {op.name} | {kind(op, comps)} | {phase(op)} | "
-                 f"{sec / args.steps * 1e3:.2f} | {sec / max(total, 1e-12):.1%} | `{source}` |")
+    path = source(op, comps)
+    lines.append(f"| {op.name} | {kind(op, comps)} | {phase(path)} | "
+                 f"{sec / args.steps * 1e3:.2f} | {sec / max(total, 1e-12):.1%} | `{path.split('/', 1)[-1][-90:]}` |")
   lines.append("")
   return "\n".join(lines)
 

@@ -570,7 +570,8 @@ def _strategy(r: dict) -> str:
 
 def write_results(rows: list[dict], meta: dict, out: str) -> None:
   os.makedirs(out, exist_ok=True)
-  stem = os.path.join(out, f"train-{device_slug(meta['device'])}")
+  stem = os.path.join(out, f"train-{device_slug(meta['device'])}"
+                      + (f"-{meta['tag']}" if meta.get("tag") else ""))
   with open(stem + ".json", "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   with open(stem + ".md", "w") as f:
@@ -604,6 +605,7 @@ def parse_args(argv, on_gpu: bool):
                  choices=jconfig.DTYPES)
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--note", action="append", default=[], help="a line for the .md's notes")
+  p.add_argument("--tag", default="", help="suffix of the result files: train-<device>-<tag>")
   p.add_argument("--out", default=RESULTS)
   args = p.parse_args(argv)
   ints = lambda s: [int(x) for x in s.split(",") if x]
@@ -644,7 +646,7 @@ def main(argv=None):
               argv=sys.argv[1:] if argv is None else list(argv),
               torch_device=None if torch_env is None else str(torch_device(torch_env[0])),
               torch_threads=None if torch_env is None else torch_env[0].get_num_threads(),
-              notes=list(args.note))
+              notes=list(args.note), tag=args.tag)
   warn_if_loaded(meta["load_before"], meta["cpu_affinity"])
   start = time.perf_counter()
   rows = [row for group in plan(args)

@@ -362,17 +362,23 @@ def map_seeds(fn: Callable, xs: Any, seeds_per_vmap: int | None = None) -> Any:
   """`fn` applied to each slice of `xs` along its leading seed axis S, results stacked.
 
   Seeds are vectorised `seeds_per_vmap` at a time (`jax.vmap`: a convolution whose weights
-  carry the seed axis becomes one grouped convolution with S groups), and those chunks run
-  one after another inside the same program (`jax.lax.map`, a scan). None or S: all seeds in
-  one vmap, which fills a large accelerator; 1: a loop of ungrouped convolutions, for devices
-  where grouped convolutions are slow (XLA:CPU, see benchmarks/results/train-*.md).
+  carry the seed axis becomes one grouped convolution with that many groups), and the chunks
+  follow one another in the same program. None or S: all seeds in one vmap, which fills a
+  large accelerator; 1: S ungrouped copies of the step, for devices where grouped
+  convolutions are slow (XLA:CPU, see benchmarks/results/train-*.md).
+
+  The chunks are unrolled rather than looped (`lax.map`): XLA:CPU compiles the convolutions
+  inside a loop body with its generic emitter, about 25x slower than in straight-line code
+  (benchmarks/results/profile-*.md). Compile time grows with the number of chunks.
   """
   num_seeds = jax.tree.leaves(xs)[0].shape[0]
   if seeds_per_vmap is None or seeds_per_vmap >= num_seeds:
     return jax.vmap(fn)(xs)
-  if seeds_per_vmap == 1:
-    return jax.lax.map(fn, xs)
-  return jax.lax.map(fn, xs, batch_size=seeds_per_vmap)
+  chunks = []
+  for start in range(0, num_seeds, seeds_per_vmap):
+    chunk = jax.tree.map(lambda x, s=start: x[s:s + seeds_per_vmap], xs)
+    chunks.append(jax.vmap(fn)(chunk))
+  return jax.tree.map(lambda *parts: jnp.concatenate(parts), *chunks)
 
 
 def multi_seed_train_step(fns: StepFns, state: TrainState, batch: dict[str, jax.Array],
