@@ -179,13 +179,6 @@ def bench_device(batches: list[int], steps: int, n: int = 50_000) -> list[dict]:
   return rows
 
 
-def _device_name() -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  d = jax.devices()[0]
-  kind = d.device_kind if d.platform != "cpu" else "cpu"
-  return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
-
-
 def _markdown(result: dict) -> str:
   lines = [f"# Input pipeline throughput on {result['device']}", "",
            f"{result['date']}; {result['machine']}; jax {result['versions']['jax']}, "
@@ -212,6 +205,7 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import jaxkd.data as jd  # pylint: disable=g-import-not-at-top
+  import common  # pylint: disable=g-import-not-at-top  (imports jax: kept out of workers)
 
   scale = 0.25 if args.quick else 1.0
   results = []
@@ -263,14 +257,14 @@ def main(argv=None):
       "normalize=False (uint8 batches) moves 4x fewer bytes to the accelerator.",
   ]
   result = {
-      "device": _device_name(), "date": datetime.date.today().isoformat(),
+      "device": common.device_name(), "date": datetime.date.today().isoformat(),
       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                  f"{len(jax.devices())} {jax.devices()[0].platform} device(s)",
       "versions": {"jax": jax.__version__, "grain": grain.__version__,
                    "tfds": tfds.__version__},
       "results": results, "scaling": scaling, "notes": notes}
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"input-{result['device']}")
+  stem = os.path.join(args.out, f"input-{common.device_slug(result['device'])}")
   with open(stem + ".json", "w") as f:
     json.dump(result, f, indent=2)
   with open(stem + ".md", "w") as f:

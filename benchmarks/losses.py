@@ -13,8 +13,6 @@ import argparse
 import functools
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import device_name, device_slug, median_time
 from jaxkd import losses, weighting
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -106,34 +105,6 @@ def torch_objectives(torch):
       "DKD": lambda s, te, g, y: dkd(s, te, y),
       "ER-DKD": lambda s, te, g, y: dkd(s, te, y, with_no_grad(entropy)(te, 4.0)),
   }
-
-
-def device_name():
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    model = platform.processor() or "cpu"
-    try:
-      with open("/proc/cpuinfo") as f:
-        model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-      pass
-    return f"cpu-{os.cpu_count()}core ({model})"
-  return d.device_kind
-
-
-def device_slug(name):
-  return name.split(" (")[0].replace(" ", "-").lower()
-
-
-def median_time(fn, repeats, warmup=3):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def make_inputs(shape, dtype, seed=0):

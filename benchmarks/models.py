@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import optax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the PyTorch references live with the tests
 
+from common import device_name, device_slug  # noqa: E402
 import jaxkd.models as models  # noqa: E402
 from jaxkd.models import torch_import  # noqa: E402
 
@@ -46,22 +46,6 @@ from jaxkd.models import torch_import  # noqa: E402
 DEFAULT_MODELS = ("resnet8x4", "resnet32x4", "MobileNetV2", "ShuffleV1", "resnet18_imagenet",
                   "quick_teacher")
 NUM_CLASSES = {"cifar": 100, "imagenet": 1000, "quick": 10}
-
-
-def device_name() -> str:
-  """e.g. "NVIDIA-H100-80GB-HBM3" or "cpu-AMD-EPYC-2-cores"."""
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    model = platform.processor() or "unknown"
-    try:
-      with open("/proc/cpuinfo") as f:
-        model = re.search(r"model name\s*:\s*(.+)", f.read()).group(1)
-    except (OSError, AttributeError):
-      pass
-    name = f"cpu-{model}-{os.cpu_count()}-cores"
-  else:
-    name = device.device_kind
-  return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
 
 
 def median_time(fn, warmup: int, steps: int) -> tuple[float, float]:
@@ -273,7 +257,7 @@ def main(argv=None):
   }
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = str(out / f"models-{report['device']}")
+  stem = str(out / f"models-{device_slug(report['device'])}")
   pathlib.Path(stem + ".json").write_text(json.dumps(report, indent=1) + "\n")
   pathlib.Path(stem + ".md").write_text(markdown(report))
   print(f"wrote {stem}.json and .md in {report['wall_s']} s")

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from losses import device_name, device_slug  # noqa: E402
+from common import device_name, device_slug  # noqa: E402
 from train_step import OBJECTIVES, PAIRS, jax_step, timed  # noqa: E402
 
 RESULTS = os.path.join(_HERE, "results")

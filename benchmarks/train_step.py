@@ -54,7 +54,8 @@ import numpy as np  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
-from losses import device_name, device_slug, median_time, torch_objectives  # noqa: E402
+from common import busy_cores, device_name, device_slug, median_time  # noqa: E402
+from losses import torch_objectives  # noqa: E402
 
 from jaxkd import config as jconfig  # noqa: E402
 from jaxkd import models, train  # noqa: E402
@@ -445,13 +446,13 @@ def cpu_affinity() -> list[int] | None:
     return None
 
 
-def warn_if_loaded(load: float | None, cores: list[int] | None) -> None:
+def warn_if_loaded(busy: float | None, cores: list[int] | None) -> None:
   """On a CPU shared with other jobs, a framework whose threads wait at a barrier for a
   descheduled sibling (PyTorch's OpenMP pool) slows down by an order of magnitude; one thread
   per framework, pinned, gives stable and comparable figures."""
   n = len(cores) if cores else os.cpu_count()
-  if jax.devices()[0].platform == "cpu" and load is not None and load > 0.5 * n and n > 1:
-    print(f"warning: 1-minute load average {load} on {n} cores: other jobs are running; for "
+  if jax.devices()[0].platform == "cpu" and busy is not None and busy > 0.25 * n and n > 1:
+    print(f"warning: other jobs keep {busy} of {n} cores busy; for "
           f"stable figures run under `taskset -c 0` (one core, one thread per framework).",
           file=sys.stderr, flush=True)
 
@@ -483,7 +484,8 @@ def _overhead(r: dict, side: str) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-  under_load = meta["load_before"] is not None and meta["load_before"] > 0.5 * meta["cpu_count"]
+  busy = meta.get("busy_cores_before")
+  under_load = busy is not None and busy > 0.25 * meta["cpu_count"]
   lines = [
       f"# Training-step benchmark on {meta['device']}", "",
       f"{meta['date']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
@@ -507,8 +509,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
       "recipe from the step time alone (CIFAR: 240 epochs x 50,000 // batch steps; ImageNet: "
       "100 epochs x 1,281,167 // batch steps; no input pipeline, evaluation or checkpoints).",
       "",
-      f"1-minute load average on {meta['cpu_count']} cores: {meta['load_before']} before the "
-      f"run, {meta['load_after']} after; the process ran on cores {meta['cpu_affinity']}."
+      f"Other jobs kept {busy} of {meta['cpu_count']} cores busy just before the run "
+      f"(/proc/stat over 1 s); 1-minute load average {meta['load_before']} before, "
+      f"{meta['load_after']} after (it lingers, and counts this run); the process ran on "
+      f"cores {meta['cpu_affinity']}."
       + (" **Other jobs were running on this machine: the timings were taken under load and "
          "are noisy.**" if under_load else ""), ""]
   lines += ["| pair | batch | objective | dtype | jaxkd ms | jaxkd img/s | spread | torch ms | "
@@ -548,8 +552,8 @@ def seeds_table(rows: list[dict]) -> list[str]:
   single = {(r["pair"], r["batch"], r["method"]): r for r in rows if r["num_seeds"] == 1}
   out = ["", "## num_seeds: S students in one jitted step", "",
          "*seeds vectorised*: how many students share one `jax.vmap` (their convolutions "
-         "become one grouped convolution); the groups run one after another in the same "
-         "program (`jax.lax.map`). *speed-up* = S students' images/s over one student's.", "",
+         "become one grouped convolution); the groups are unrolled one after another in the "
+         "same program. *speed-up* = S students' images/s over one student's.", "",
          "| pair | batch | objective | S | seeds vectorised | S=1 img/s (ms) | S img/s (ms) | "
          "speed-up in img/s |",
          "|---|---|---|---|---|---|---|---|"]
@@ -642,12 +646,13 @@ def main(argv=None):
   torch_env = None if args.no_torch else import_torch()
   meta = dict(device=device, versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
               python=sys.version.split()[0], cpu_count=os.cpu_count(),
-              cpu_affinity=cpu_affinity(), load_before=load_average(), repeats=args.repeats, warmup=args.warmup,
+              cpu_affinity=cpu_affinity(), load_before=load_average(), busy_cores_before=busy_cores(),
+              repeats=args.repeats, warmup=args.warmup,
               argv=sys.argv[1:] if argv is None else list(argv),
               torch_device=None if torch_env is None else str(torch_device(torch_env[0])),
               torch_threads=None if torch_env is None else torch_env[0].get_num_threads(),
               notes=list(args.note), tag=args.tag)
-  warn_if_loaded(meta["load_before"], meta["cpu_affinity"])
+  warn_if_loaded(meta["busy_cores_before"], meta["cpu_affinity"])
   start = time.perf_counter()
   rows = [row for group in plan(args)
           for row in measure_group(args, device, torch_env, *group)]
