@@ -332,6 +332,75 @@ def test_bfloat16_computes_every_conv_and_matmul_in_bfloat16(name):
 
 
 # ------------------------------------------------------------------------------------------
+# Grouped convolutions: both lowerings against a float64 NumPy convolution.
+# ------------------------------------------------------------------------------------------
+
+
+def numpy_conv2d(x, kernel, stride, padding, groups):
+  """float64 reference of torch's Conv2d(groups=...) in NHWC / HWIO, from its definition:
+  out[b, i, j, o] = sum over u, v and the input channels c of o's group of
+  x_pad[b, s i + u, s j + v, c] * kernel[u, v, c - first channel of the group, o]."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  k, _, group_in, c_out = kernel.shape
+  group_out = c_out // groups
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  h_out = (xp.shape[1] - k) // stride + 1
+  w_out = (xp.shape[2] - k) // stride + 1
+  out = np.zeros((x.shape[0], h_out, w_out, c_out))
+  for u in range(k):
+    for v in range(k):
+      window = xp[:, u:u + stride * (h_out - 1) + 1:stride,
+                  v:v + stride * (w_out - 1) + 1:stride]
+      for g in range(groups):
+        cin = slice(g * group_in, (g + 1) * group_in)
+        cout = slice(g * group_out, (g + 1) * group_out)
+        out[..., cout] += window[..., cin] @ kernel[u, v, :, cout]
+  return out
+
+
+GROUPED_CASES = {  # (input shape, k, stride, padding, groups, out channels)
+    "depthwise 3x3": ((2, 7, 7, 6), 3, 1, 1, 6, 6),
+    "depthwise 3x3 stride 2": ((2, 8, 8, 6), 3, 2, 1, 6, 6),
+    "depthwise multiplier 2": ((2, 5, 5, 4), 3, 1, 1, 4, 8),
+    "grouped 1x1 (ShuffleV1)": ((2, 4, 4, 12), 1, 1, 0, 3, 9),
+    "grouped 3x3 stride 2": ((2, 7, 7, 8), 3, 2, 1, 2, 6),
+    "ungrouped": ((2, 5, 5, 3), 3, 1, 1, 1, 4),
+}
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES)
+@pytest.mark.parametrize("lowering", ["xla", "split"])
+def test_grouped_conv_lowerings_match_numpy(case, lowering):
+  shape, k, stride, padding, groups, c_out = GROUPED_CASES[case]
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = rng.standard_normal((k, k, shape[-1] // groups, c_out)).astype(np.float32)
+  conv = lambda x, w: layers.conv2d(x, w, stride, padding, groups, lowering=lowering)
+  expected = numpy_conv2d(x, kernel, stride, padding, groups)
+  assert rel_err(jax.jit(conv)(x, kernel), expected) < 1e-5
+  # Gradients: the NumPy conv is linear in each argument, so <dy, conv(dx, w)> = <grad_x, dx>.
+  dy = rng.standard_normal(expected.shape)
+  grad_x, grad_w = jax.grad(lambda x, w: jnp.sum(conv(x, w) * dy), argnums=(0, 1))(x, kernel)
+  for _ in range(3):
+    dx, dw = rng.standard_normal(shape), rng.standard_normal(kernel.shape)
+    np.testing.assert_allclose(
+        np.sum(grad_x * dx), np.sum(numpy_conv2d(dx, kernel, stride, padding, groups) * dy),
+        rtol=1e-4)
+    np.testing.assert_allclose(
+        np.sum(grad_w * dw), np.sum(numpy_conv2d(x, dw, stride, padding, groups) * dy),
+        rtol=1e-4)
+
+
+def test_grouped_conv_split_keeps_bfloat16():
+  x = jnp.ones((1, 4, 4, 6), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 1, 6), jnp.bfloat16)
+  y = layers.conv2d(x, kernel, 1, 1, 6, lowering="split")
+  assert y.dtype == jnp.bfloat16 and float(y[0, 1, 1, 0]) == 9.0
+  with pytest.raises(ValueError, match="lowering"):
+    layers.conv2d(x, kernel, 1, 1, 6, lowering="grouped")
+
+
+# ------------------------------------------------------------------------------------------
 # BatchNorm semantics, initialisation, sharding.
 # ------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ BatchNorm statistics, pooled features and logits are float32 whatever `dtype` is
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -160,15 +161,72 @@ class Conv(nn.Module):
                        f"({self.features}) channels")
     kernel = self.param("kernel", self.kernel_init, (k, k, in_features // g, self.features),
                         jnp.float32)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, p, g)
     if self.use_bias:
       bias_init = self.bias_init or torch_default_bias(k * k * in_features // g)
       bias = self.param("bias", bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1,
+           lowering: str = "auto") -> jax.Array:
+  """PyTorch's Conv2d(groups=groups, padding=padding, stride=stride) in NHWC / HWIO.
+
+  x: [B, H, W, C_in]; kernel: [k, k, C_in / groups, C_out] -> [B, H', W', C_out] with
+  H' = (H + 2 * padding - k) // stride + 1. Group j maps input channels
+  [j * C_in/g, (j+1) * C_in/g) to output channels [j * C_out/g, (j+1) * C_out/g).
+
+  lowering: how a grouped conv (groups > 1) is computed; ungrouped ones are always one XLA
+  convolution.
+    "xla": one convolution with feature_group_count (cuDNN's grouped kernels on GPU).
+    "split": a depthwise conv (C_in / groups == 1) as k * k shifted multiply-adds over the
+      channels, which XLA fuses into one elementwise loop; other grouped convs as `groups`
+      ungrouped convolutions, concatenated. XLA:CPU runs grouped convolutions through a slow
+      generic path (MobileNetV2 trains at a tenth of PyTorch's speed with it; see
+      benchmarks/results/models-*.md), and autodiff of the split form is again elementwise
+      ops and ungrouped convolutions.
+    "auto": "split" on CPU, "xla" elsewhere.
+  Both lowerings compute the same sums (up to float rounding order).
+  """
+  if lowering == "auto":
+    lowering = "split" if jax.default_backend() == "cpu" else "xla"
+  if lowering not in ("xla", "split"):
+    raise ValueError(f"lowering must be 'auto', 'xla' or 'split', got {lowering!r}")
+  pad = ((padding, padding), (padding, padding))
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
+                           padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if groups == 1 or lowering == "xla":
+    return conv(x, kernel, feature_group_count=groups)
+  k, _, group_in, c_out = kernel.shape
+  if group_in == 1:
+    return _depthwise_conv(x, kernel, stride, padding)
+  xs = jnp.split(x, groups, axis=-1)
+  ks = jnp.split(kernel, groups, axis=-1)
+  return jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, ks)], axis=-1)
+
+
+def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """conv2d with one input channel per group: out[b, i, j, c] =
+  sum_{u, v} x_pad[b, s*i + u, s*j + v, c // m] * kernel[u, v, 0, c], m = C_out / C_in."""
+  k, _, _, c_out = kernel.shape
+  b, h, w, c_in = x.shape
+  if c_out != c_in:  # a channel multiplier m: output channel c reads input channel c // m
+    x = jnp.repeat(x, c_out // c_in, axis=-1)
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  h_out = (h + 2 * padding - k) // stride + 1
+  w_out = (w + 2 * padding - k) // stride + 1
+  # Accumulated in float32, as a bf16 convolution accumulates; XLA fuses the casts.
+  kernel = kernel.astype(jnp.float32)
+  out = None
+  for u in range(k):
+    for v in range(k):
+      window = jax.lax.slice(x, (0, u, v, 0),
+                             (b, u + stride * (h_out - 1) + 1, v + stride * (w_out - 1) + 1,
+                              c_out), (1, stride, stride, 1))
+      term = window.astype(jnp.float32) * kernel[u, v, 0]
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
 
 
 class Linear(nn.Module):
