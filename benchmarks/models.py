@@ -20,7 +20,10 @@ recorded too: on a shared CPU other processes change the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
+import itertools
 import json
 import os
 import pathlib
@@ -39,7 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the PyTorch references live with the 
 
 from common import device_name, device_slug  # noqa: E402
 import jaxkd.models as models  # noqa: E402
-from jaxkd.models import torch_import  # noqa: E402
+from jaxkd.models import layers, torch_import  # noqa: E402
 
 # The usual CIFAR teacher/student pair, the depthwise and grouped-conv students, an ImageNet
 # ResNet and the quick teacher: about 5 minutes on a shared 2-core CPU.
@@ -63,7 +66,27 @@ def median_time(fn, warmup: int, steps: int) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def bench_flax(name, variables, images, labels, dtype, warmup, steps):
+def has_grouped_conv(name, variables, images) -> bool:
+  """Whether the model has a convolution with groups > 1 (traced with the 'xla' lowering)."""
+  model = models.create(name, NUM_CLASSES[models.dataset_family(name)])
+  with grouped_conv_lowering("xla"):
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images[:1])
+  return any(e.primitive.name == "conv_general_dilated" and e.params["feature_group_count"] > 1
+             for e in jaxpr.eqns)
+
+
+@contextlib.contextmanager
+def grouped_conv_lowering(lowering: str):
+  """Traces inside use `lowering` for grouped convolutions instead of the library's 'auto'."""
+  original = layers.conv2d
+  layers.conv2d = functools.partial(original, lowering=lowering)
+  try:
+    yield
+  finally:
+    layers.conv2d = original
+
+
+def bench_flax(name, variables, images, labels, dtype, warmup, steps, lowering="auto"):
   model = models.create(name, NUM_CLASSES[models.dataset_family(name)], dtype=dtype)
 
   @jax.jit
@@ -80,9 +103,10 @@ def bench_flax(name, variables, images, labels, dtype, warmup, steps):
     return grads, updates
 
   x, y = jnp.asarray(images), jnp.asarray(labels)
-  fwd = median_time(lambda: forward(variables, x).block_until_ready(), warmup, steps)
-  bwd = median_time(lambda: jax.block_until_ready(forward_backward(variables, x, y)),
-                    warmup, steps)
+  with grouped_conv_lowering(lowering):  # the first call of each traces and compiles
+    fwd = median_time(lambda: forward(variables, x).block_until_ready(), warmup, steps)
+    bwd = median_time(lambda: jax.block_until_ready(forward_backward(variables, x, y)),
+                      warmup, steps)
   return fwd, bwd
 
 
@@ -163,10 +187,15 @@ def run(args) -> dict:
     params = sum(x.size for x in jax.tree.leaves(variables["params"]))
     row = {"model": spec.name, "family": family, "batch": batch,
            "input": list(spec.input_shape), "params": int(params), "results": []}
-    for dtype in flax_dtypes:
+    # On CPU, grouped convs default to the 'split' lowering; time XLA's grouped conv beside it.
+    lowerings = ["auto"] + (["xla"] if not on_accelerator
+                            and has_grouped_conv(spec.name, variables, images) else [])
+    for dtype, lowering in itertools.product(flax_dtypes, lowerings):
       (c_f, t_f), (c_b, t_b) = bench_flax(spec.name, variables, images, labels, dtype,
-                                          args.warmup, args.steps)
-      row["results"].append({"framework": "flax", "variant": f"jit {jnp.dtype(dtype).name}",
+                                          args.warmup, args.steps, lowering)
+      variant = f"jit {jnp.dtype(dtype).name}" + (
+          ", grouped conv xla" if lowering == "xla" else "")
+      row["results"].append({"framework": "flax", "variant": variant,
                              "forward_img_s": batch / t_f, "train_img_s": batch / t_b,
                              "forward_first_call_s": c_f, "train_first_call_s": c_b})
       print(f"{spec.name:20s} flax  {row['results'][-1]['variant']:22s} "
@@ -195,7 +224,9 @@ def markdown(report: dict) -> str:
            f"{os.cpu_count()} cores).", "",
            "images/s, higher is better. forward = eval mode; fwd+bwd = train-mode forward, "
            "cross-entropy and gradients (no optimizer update). Flax is jitted; PyTorch eager "
-           "(nT = n intra-op threads). flax/torch = best Flax over best PyTorch variant.", "",
+           "(nT = n intra-op threads). flax/torch = best Flax over best PyTorch variant. "
+           "'grouped conv xla' = XLA's grouped convolution instead of the split lowering "
+           "jaxkd uses for grouped convolutions on CPU (jaxkd.models.layers.conv2d).", "",
            "On a CPU shared with other jobs, multi-threaded eager PyTorch is slowed most "
            "(OpenMP barriers wait for descheduled threads): its 1-thread figure is the fair "
            "one then. XLA's thread pool is less affected.", "",

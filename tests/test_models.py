@@ -8,6 +8,7 @@ made of repeated blocks (see `_EAGER`); batches are 4 images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -389,6 +390,26 @@ def test_grouped_conv_lowerings_match_numpy(case, lowering):
     np.testing.assert_allclose(
         np.sum(grad_w * dw), np.sum(numpy_conv2d(x, dw, stride, padding, groups) * dy),
         rtol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_kernel_grad_in_batch_chunks(stride):
+  """The chunked kernel gradient (chunk j = examples j, j + n, ...) sums the whole batch."""
+  rng = np.random.default_rng(1)
+  x_pad = rng.standard_normal((6, 7, 7, 5)).astype(np.float32)
+  h_out = (7 - 3) // stride + 1
+  d_out = rng.standard_normal((6, h_out, h_out, 5)).astype(np.float32)
+  expected = np.zeros((3, 3, 1, 5))
+  for u in range(3):
+    for v in range(3):
+      end = stride * (h_out - 1) + 1
+      window = x_pad[:, u:u + end:stride, v:v + end:stride]
+      expected[u, v, 0] = np.einsum("bijc,bijc->c", window.astype(np.float64), d_out)
+  one_example = 7 * 7 * 5 * 4
+  for chunk_bytes in (one_example, 2 * one_example, 3 * one_example, 2 ** 21):  # 6, 3, 2, 1 chunks
+    grad = jax.jit(functools.partial(layers.depthwise_kernel_grad, k=3, stride=stride,
+                                     chunk_bytes=chunk_bytes))(x_pad, d_out)
+    assert rel_err(grad, expected) < 1e-5, chunk_bytes
 
 
 def test_grouped_conv_split_keeps_bfloat16():
