@@ -187,14 +187,15 @@ def run(args) -> dict:
     params = sum(x.size for x in jax.tree.leaves(variables["params"]))
     row = {"model": spec.name, "family": family, "batch": batch,
            "input": list(spec.input_shape), "params": int(params), "results": []}
-    # On CPU, grouped convs default to the 'split' lowering; time XLA's grouped conv beside it.
-    lowerings = ["auto"] + (["xla"] if not on_accelerator
-                            and has_grouped_conv(spec.name, variables, images) else [])
+    # Grouped convs: the default lowering ('split' on CPU, 'xla' elsewhere) and the other one.
+    lowerings = ["auto"]
+    if has_grouped_conv(spec.name, variables, images):
+      lowerings.append("split" if on_accelerator else "xla")
     for dtype, lowering in itertools.product(flax_dtypes, lowerings):
       (c_f, t_f), (c_b, t_b) = bench_flax(spec.name, variables, images, labels, dtype,
                                           args.warmup, args.steps, lowering)
       variant = f"jit {jnp.dtype(dtype).name}" + (
-          ", grouped conv xla" if lowering == "xla" else "")
+          "" if lowering == "auto" else f", grouped conv {lowering}")
       row["results"].append({"framework": "flax", "variant": variant,
                              "forward_img_s": batch / t_f, "train_img_s": batch / t_b,
                              "forward_first_call_s": c_f, "train_first_call_s": c_b})
@@ -225,8 +226,10 @@ def markdown(report: dict) -> str:
            "images/s, higher is better. forward = eval mode; fwd+bwd = train-mode forward, "
            "cross-entropy and gradients (no optimizer update). Flax is jitted; PyTorch eager "
            "(nT = n intra-op threads). flax/torch = best Flax over best PyTorch variant. "
-           "'grouped conv xla' = XLA's grouped convolution instead of the split lowering "
-           "jaxkd uses for grouped convolutions on CPU (jaxkd.models.layers.conv2d).", "",
+           "Grouped convolutions (jaxkd.models.layers.conv2d) are lowered 'split' on CPU "
+           "(depthwise as fused multiply-adds, other groups as separate convolutions) and "
+           "'xla' (one grouped convolution) elsewhere; 'grouped conv xla/split' rows time the "
+           "other lowering.", "",
            "On a CPU shared with other jobs, multi-threaded eager PyTorch is slowed most "
            "(OpenMP barriers wait for descheduled threads): its 1-thread figure is the fair "
            "one then. XLA's thread pool is less affected.", "",
