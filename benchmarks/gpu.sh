@@ -11,7 +11,8 @@
 #     bash benchmarks/gpu.sh targets    # ~8 min: the rows the issue's GPU targets name
 #     bash benchmarks/gpu.sh matrix     # the full matrix of benchmarks/train_step.py (long:
 #                                       # split it with --pairs if one call is limited)
-#     bash benchmarks/gpu.sh profile    # where the time goes, and the loss-level benchmark
+#     bash benchmarks/gpu.sh profile    # where the time goes, the loss-level benchmark and
+#                                       # the model zoo (grouped convs: 'xla' vs 'split')
 # Each stage writes its own files (named after the GPU), so stages can run in separate calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,7 @@ case "$stage" in
     python3 benchmarks/profile_step.py --pair resnet56-resnet20 --method kd --dtype bfloat16 \
       --seeds 5 --seeds-per-vmap 5 --out "$out"
     python3 benchmarks/losses.py --out "$out"
+    python3 benchmarks/models.py --out "$out"
     ;;
   *)
     echo "unknown stage $stage: check | targets | matrix [train_step.py args] | profile" >&2

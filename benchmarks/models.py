@@ -46,8 +46,8 @@ from jaxkd.models import layers, torch_import  # noqa: E402
 
 # The usual CIFAR teacher/student pair, the depthwise and grouped-conv students, an ImageNet
 # ResNet and the quick teacher: about 5 minutes on a shared 2-core CPU.
-DEFAULT_MODELS = ("resnet8x4", "resnet32x4", "MobileNetV2", "ShuffleV1", "resnet18_imagenet",
-                  "quick_teacher")
+DEFAULT_MODELS = ("resnet8x4", "resnet32x4", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+                  "resnet18_imagenet", "quick_teacher")
 NUM_CLASSES = {"cifar": 100, "imagenet": 1000, "quick": 10}
 
 
