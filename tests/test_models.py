@@ -392,6 +392,17 @@ def test_grouped_conv_lowerings_match_numpy(case, lowering):
         rtol=1e-4)
 
 
+def numpy_depthwise_kernel_grad(x_pad, d_out, k, stride):
+  """float64: d kernel[u, v, 0, c] = sum_{b,i,j} x_pad[b, s i + u, s j + v, c] d_out[b, i, j, c]."""
+  h_out, w_out = d_out.shape[1:3]
+  grad = np.zeros((k, k, 1, x_pad.shape[-1]))
+  for u in range(k):
+    for v in range(k):
+      window = x_pad[:, u::stride, v::stride][:, :h_out, :w_out]
+      grad[u, v, 0] = np.einsum("bijc,bijc->c", window.astype(np.float64), d_out)
+  return grad
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_kernel_grad_in_batch_chunks(stride):
   """The chunked kernel gradient (chunk j = examples j, j + n, ...) sums the whole batch."""
@@ -399,17 +410,26 @@ def test_depthwise_kernel_grad_in_batch_chunks(stride):
   x_pad = rng.standard_normal((6, 7, 7, 5)).astype(np.float32)
   h_out = (7 - 3) // stride + 1
   d_out = rng.standard_normal((6, h_out, h_out, 5)).astype(np.float32)
-  expected = np.zeros((3, 3, 1, 5))
-  for u in range(3):
-    for v in range(3):
-      end = stride * (h_out - 1) + 1
-      window = x_pad[:, u:u + end:stride, v:v + end:stride]
-      expected[u, v, 0] = np.einsum("bijc,bijc->c", window.astype(np.float64), d_out)
+  expected = numpy_depthwise_kernel_grad(x_pad, d_out, 3, stride)
   one_example = 7 * 7 * 5 * 4
   for chunk_bytes in (one_example, 2 * one_example, 3 * one_example, 2 ** 21):  # 6, 3, 2, 1 chunks
     grad = jax.jit(functools.partial(layers.depthwise_kernel_grad, k=3, stride=stride,
-                                     chunk_bytes=chunk_bytes))(x_pad, d_out)
+                                     chunk_bytes=chunk_bytes, shards=1))(x_pad, d_out)
     assert rel_err(grad, expected) < 1e-5, chunk_bytes
+
+
+def test_depthwise_kernel_grad_keeps_a_sharded_batch_sharded():
+  """Batch 16 over the 8 devices, one example per device per chunk: 2 chunks of 8 examples,
+  each spread over all devices, so XLA never gathers the batch."""
+  rng = np.random.default_rng(2)
+  x_pad = rng.standard_normal((16, 6, 6, 3)).astype(np.float32)
+  d_out = rng.standard_normal((16, 4, 4, 3)).astype(np.float32)
+  batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+  args = [jax.device_put(a, batch) for a in (x_pad, d_out)]
+  grad_fn = jax.jit(functools.partial(layers.depthwise_kernel_grad, k=3, stride=1,
+                                      chunk_bytes=6 * 6 * 3 * 4))
+  assert rel_err(grad_fn(*args), numpy_depthwise_kernel_grad(x_pad, d_out, 3, 1)) < 1e-5
+  assert "all-gather" not in grad_fn.lower(*args).compile().as_text()
 
 
 def test_grouped_conv_split_keeps_bfloat16():
