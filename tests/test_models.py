@@ -418,18 +418,91 @@ def test_depthwise_kernel_grad_in_batch_chunks(stride):
     assert rel_err(grad, expected) < 1e-5, chunk_bytes
 
 
-def test_depthwise_kernel_grad_keeps_a_sharded_batch_sharded():
-  """Batch 16 over the 8 devices, one example per device per chunk: 2 chunks of 8 examples,
-  each spread over all devices, so XLA never gathers the batch."""
+@pytest.mark.parametrize("mesh_size, batch", [(8, 64), (4, 12), (2, 6)])
+def test_depthwise_kernel_grad_keeps_a_sharded_batch_sharded(mesh_size, batch):
+  """A batch sharded over all 8 devices or over a smaller mesh, one example per device per
+  chunk (8, 3, 3 chunks): every chunk is spread over the mesh, so XLA never gathers the batch,
+  and the devices' partial sums are added once (one all-reduce, after the loop)."""
   rng = np.random.default_rng(2)
-  x_pad = rng.standard_normal((16, 6, 6, 3)).astype(np.float32)
-  d_out = rng.standard_normal((16, 4, 4, 3)).astype(np.float32)
-  batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
-  args = [jax.device_put(a, batch) for a in (x_pad, d_out)]
+  x_pad = rng.standard_normal((batch, 6, 6, 3)).astype(np.float32)
+  d_out = rng.standard_normal((batch, 4, 4, 3)).astype(np.float32)
+  mesh = Mesh(np.array(jax.devices()[:mesh_size]), ("data",))
+  args = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x_pad, d_out)]
   grad_fn = jax.jit(functools.partial(layers.depthwise_kernel_grad, k=3, stride=1,
                                       chunk_bytes=6 * 6 * 3 * 4))
   assert rel_err(grad_fn(*args), numpy_depthwise_kernel_grad(x_pad, d_out, 3, 1)) < 1e-5
-  assert "all-gather" not in grad_fn.lower(*args).compile().as_text()
+  hlo = grad_fn.lower(*args).compile().as_text()
+  assert "all-gather" not in hlo
+  assert hlo.count("all-reduce(") == 1
+
+
+def numpy_depthwise_input_grad(d_out, kernel, x_shape, stride, padding):
+  """float64 adjoint of the depthwise conv (multiplier 1) in x: d x_pad[b, s i + u, s j + v, c]
+  += kernel[u, v, 0, c] * d_out[b, i, j, c], then the padding cropped."""
+  d_out, kernel = np.asarray(d_out, np.float64), np.asarray(kernel, np.float64)
+  b, h, w, c = x_shape
+  k, (h_out, w_out) = kernel.shape[0], d_out.shape[1:3]
+  d_pad = np.zeros((b, h + 2 * padding, w + 2 * padding, c))
+  for u in range(k):
+    for v in range(k):
+      d_pad[:, u:u + stride * (h_out - 1) + 1:stride,
+            v:v + stride * (w_out - 1) + 1:stride] += d_out * kernel[u, v, 0]
+  return d_pad[:, padding:padding + h, padding:padding + w]
+
+
+def depthwise_grads(x, kernel, dy, stride, padding):
+  """Gradients in (x, kernel) of sum(conv2d(x, kernel, split lowering) * dy)."""
+  conv = lambda x, w: layers.conv2d(x, w, stride, padding, x.shape[-1], lowering="split")
+  return jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * dy), argnums=(0, 1)))(x, kernel)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_split_bfloat16_gradients_round_once(k):
+  """bf16 inputs: the k * k taps' contributions to d x are summed in float32 and rounded once,
+  as a bf16 convolution's gradient is (summed in bf16, 5x5 was 3.5x less accurate)."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((4, 9, 9, 8)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((k, k, 1, 8)), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((4, 9, 9, 8)), jnp.bfloat16)
+  grad_x, grad_w = depthwise_grads(x, kernel, dy, 1, k // 2)
+  assert grad_x.dtype == grad_w.dtype == jnp.bfloat16
+  x64, dy64 = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  expected_x = numpy_depthwise_input_grad(dy64, kernel, x.shape, 1, k // 2)
+  x_pad = np.pad(x64, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+  expected_w = numpy_depthwise_kernel_grad(x_pad, dy64, k, 1)
+  rms = lambda a, ref: np.sqrt(np.mean((np.asarray(a, np.float64) - ref) ** 2 / np.mean(ref ** 2)))
+  # One rounding to bf16 (8 significant bits) gives a relative RMS error of about 1.7e-3.
+  assert rms(grad_x, expected_x) < 2.5e-3
+  assert rms(grad_w, expected_w) < 2.5e-3
+
+
+def test_depthwise_split_gradients_in_several_batch_chunks(monkeypatch):
+  """Through conv2d, with chunks of one example per shard (batch 6: 3 chunks of 2)."""
+  monkeypatch.setattr(layers, "depthwise_kernel_grad",
+                      functools.partial(layers.depthwise_kernel_grad, chunk_bytes=1))
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((6, 8, 7, 5)).astype(np.float32)
+  kernel = rng.standard_normal((3, 3, 1, 5)).astype(np.float32)
+  dy = rng.standard_normal((6, 4, 4, 5)).astype(np.float32)
+  grad_x, grad_w = depthwise_grads(x, kernel, dy, 2, 1)
+  x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  assert rel_err(grad_w, numpy_depthwise_kernel_grad(x_pad, dy, 3, 2)) < 1e-5
+  assert rel_err(grad_x, numpy_depthwise_input_grad(dy, kernel, x.shape, 2, 1)) < 1e-5
+
+
+def test_depthwise_split_computes_float64_in_float64():
+  rng = np.random.default_rng(5)
+  x, kernel = rng.standard_normal((2, 5, 5, 3)), rng.standard_normal((3, 3, 1, 3))
+  dy = rng.standard_normal((2, 5, 5, 3))
+  with jax.enable_x64(True):
+    y = layers.conv2d(jnp.asarray(x), jnp.asarray(kernel), 1, 1, 3, lowering="split")
+    grad_x, grad_w = depthwise_grads(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(dy), 1, 1)
+  assert y.dtype == grad_x.dtype == grad_w.dtype == jnp.float64
+  x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  np.testing.assert_allclose(y, numpy_conv2d(x, kernel, 1, 1, 3), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(grad_w, numpy_depthwise_kernel_grad(x_pad, dy, 3, 1), rtol=1e-12)
+  np.testing.assert_allclose(grad_x, numpy_depthwise_input_grad(dy, kernel, x.shape, 1, 1),
+                             rtol=1e-12, atol=1e-12)
 
 
 def test_grouped_conv_split_keeps_bfloat16():
@@ -439,6 +512,8 @@ def test_grouped_conv_split_keeps_bfloat16():
   assert y.dtype == jnp.bfloat16 and float(y[0, 1, 1, 0]) == 9.0
   with pytest.raises(ValueError, match="lowering"):
     layers.conv2d(x, kernel, 1, 1, 6, lowering="grouped")
+  with pytest.raises(ValueError, match="input channels 6 must be groups"):
+    layers.conv2d(x, kernel, 1, 1, 3, lowering="split")
 
 
 # ------------------------------------------------------------------------------------------

@@ -187,7 +187,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
       benchmarks/results/models-*.md), and autodiff of the split form is again elementwise
       ops and ungrouped convolutions.
     "auto": "split" on CPU, "xla" elsewhere.
-  Both lowerings compute the same sums (up to float rounding order).
+  Both lowerings compute the same sums, values and gradients, up to float rounding order
+  (accumulated in float32, or float64 for float64 inputs). The split depthwise conv has a
+  custom reverse-mode gradient (see `depthwise_kernel_grad`), so it does not support
+  forward-mode autodiff (jax.jvp, jacfwd); use lowering="xla" for that.
   """
   if lowering == "auto":
     lowering = "split" if jax.default_backend() == "cpu" else "xla"
@@ -196,9 +199,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
   pad = ((padding, padding), (padding, padding))
   conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
                            padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  group_in = kernel.shape[2]
+  if x.shape[-1] != group_in * groups or kernel.shape[-1] % groups:
+    raise ValueError(
+        f"conv2d: input channels {x.shape[-1]} must be groups ({groups}) x the kernel's input "
+        f"channels per group ({group_in}), and groups must divide the kernel's output "
+        f"channels ({kernel.shape[-1]}): kernel shape is [k, k, C_in / groups, C_out]")
   if groups == 1 or lowering == "xla":
     return conv(x, kernel, feature_group_count=groups)
-  k, _, group_in, c_out = kernel.shape
   if group_in == 1:
     return _depthwise_conv(x, kernel, stride, padding)
   xs = jnp.split(x, groups, axis=-1)
@@ -231,11 +239,17 @@ def _windows(x_pad: jax.Array, k: int, stride: int):
 def _sum_of_taps(x_pad: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """x_pad: [B, H, W, C] (already padded), kernel: [k, k, 1, C] -> [B, H', W', C]:
   sum over the taps of window(u, v) * kernel[u, v, 0], which XLA fuses into one loop."""
-  # Accumulated in float32, as a bf16 convolution accumulates; XLA fuses the casts.
-  kernel = kernel.astype(jnp.float32)
-  out = sum(window.astype(jnp.float32) * kernel[u, v, 0]
+  # Accumulated in float32 (as a bf16 convolution accumulates; XLA fuses the casts).
+  acc = _accumulation_dtype(x_pad.dtype)
+  kernel = kernel.astype(acc)
+  out = sum(window.astype(acc) * kernel[u, v, 0]
             for u, v, window in _windows(x_pad, kernel.shape[0], stride))
   return out.astype(x_pad.dtype)
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+  """float32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 # _sum_of_taps with a cache-friendly kernel gradient.
@@ -248,10 +262,13 @@ def _depthwise_taps_fwd(x_pad, kernel, stride):
 
 def _depthwise_taps_bwd(stride, residuals, d_out):
   x_pad, kernel = residuals
-  # d x_pad is elementwise again (autodiff of the taps); d kernel is not: see below.
-  _, vjp_x = jax.vjp(lambda x: _sum_of_taps(x, kernel, stride), x_pad)
-  (d_x,) = vjp_x(d_out)
-  return d_x, depthwise_kernel_grad(x_pad, d_out, kernel.shape[0], stride).astype(kernel.dtype)
+  # d x_pad is elementwise again (autodiff of the taps), summed over the taps in float32 and
+  # rounded once; d kernel is not elementwise: see depthwise_kernel_grad.
+  acc = _accumulation_dtype(x_pad.dtype)
+  _, vjp_x = jax.vjp(lambda x: _sum_of_taps(x, kernel, stride), x_pad.astype(acc))
+  (d_x,) = vjp_x(d_out.astype(acc))
+  d_kernel = depthwise_kernel_grad(x_pad, d_out, kernel.shape[0], stride)
+  return d_x.astype(x_pad.dtype), d_kernel.astype(kernel.dtype)
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
@@ -261,34 +278,46 @@ def depthwise_kernel_grad(x_pad: jax.Array, d_out: jax.Array, k: int, stride: in
                           chunk_bytes: int = 2 ** 17, shards: int | None = None) -> jax.Array:
   """d kernel[u, v, 0, c] = sum_{b, i, j} x_pad[b, s*i + u, s*j + v, c] * d_out[b, i, j, c].
 
-  x_pad: [B, H, W, C], d_out: [B, H', W', C] -> [k, k, 1, C] float32. As k * k separate
-  reductions over the whole batch, each rereads both arrays from memory (3.5x slower on a
-  2-core CPU at MobileNetV2's sizes); so the batch is taken in chunks that give each device at
-  most `chunk_bytes` of x_pad (or one example), which stay in a core's cache with their d_out
-  for all the taps (128 KiB: MobileNetV2 trains 1.3x faster than unchunked on a 2-core EPYC,
-  whose L2 is 512 KiB a core).
+  x_pad: [B, H, W, C], d_out: [B, H', W', C] -> [k, k, 1, C] in float32 (float64 for float64
+  inputs). As k * k separate reductions over the whole batch, each rereads both arrays from
+  memory (3.5x slower on a 2-core CPU at MobileNetV2's sizes); so the batch is taken in chunks
+  that give each of `shards` devices at most `chunk_bytes` of x_pad (or one example), which
+  stay in a core's cache with their d_out for all the taps (128 KiB: MobileNetV2 trains 1.3x
+  faster than unchunked on a 2-core EPYC, whose L2 is 512 KiB a core).
 
   Chunk j holds examples j, j + n, j + 2n, ... (n chunks) and its size is a multiple of
-  `shards` (default: jax.device_count()), so that a batch sharded in contiguous blocks over
-  the devices stays sharded in every chunk, without gathering.
+  `shards` (default: gcd(B, jax.device_count()), which any mesh of a divisor of the device
+  count that shards B evenly divides), so that a batch sharded in contiguous blocks over the
+  devices stays sharded in every chunk, without gathering; each device sums its part of the
+  chunks, and the devices' partial sums are added once, after the last chunk. The chunk count
+  is the smallest that B's divisors allow: a prime B larger than a chunk is taken one example
+  at a time (correct, slower).
   """
   b = x_pad.shape[0]
-  shards = jax.device_count() if shards is None else shards
+  if b == 0:
+    raise ValueError("depthwise_kernel_grad: the batch is empty")
+  shards = math.gcd(b, jax.device_count()) if shards is None else shards
   if b % shards:  # not evenly sharded over the devices anyway: chunk for one
     shards = 1
-  per_shard = max(1, chunk_bytes // (x_pad[0].size * 4))  # examples a device takes at a time
+  example_bytes = x_pad[0].size * x_pad.dtype.itemsize
+  per_shard = max(1, chunk_bytes // example_bytes)  # examples a device takes at a time
   size = max(d for d in range(shards, b + 1, shards) if b % d == 0 and d <= per_shard * shards)
   n = b // size
+  acc = _accumulation_dtype(x_pad.dtype)
 
-  def chunk_grad(j):
-    xs = jax.lax.dynamic_index_in_dim(x_pad.reshape(size, n, *x_pad.shape[1:]), j, 1, False)
-    ds = jax.lax.dynamic_index_in_dim(d_out.reshape(size, n, *d_out.shape[1:]), j, 1, False)
-    ds = ds.astype(jnp.float32)
-    return jnp.stack([jnp.sum(window.astype(jnp.float32) * ds, axis=(0, 1, 2))
-                      for _, _, window in _windows(xs, k, stride)])
+  def chunk(a, j):  # examples j, j + n, ... of a: [size, ...]
+    return jax.lax.dynamic_index_in_dim(a.reshape(size, n, *a.shape[1:]), j, 1, False)
 
-  grad = jax.lax.fori_loop(1, n, lambda j, acc: acc + chunk_grad(j), chunk_grad(0))
-  return grad.reshape(k, k, 1, -1)
+  def by_shard(a):  # [size, ...] -> [shards, size / shards, ...]
+    return a.reshape(shards, size // shards, *a.shape[1:])
+
+  def chunk_grad(j):  # [k * k, shards, C]: each shard's sum over its examples of chunk j
+    ds = by_shard(chunk(d_out, j)).astype(acc)
+    return jnp.stack([jnp.sum(by_shard(w).astype(acc) * ds, axis=(1, 2, 3))
+                      for _, _, w in _windows(chunk(x_pad, j), k, stride)])
+
+  grad = jax.lax.fori_loop(1, n, lambda j, total: total + chunk_grad(j), chunk_grad(0))
+  return grad.sum(axis=1).reshape(k, k, 1, -1)
 
 
 class Linear(nn.Module):
