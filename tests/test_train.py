@@ -288,6 +288,37 @@ def free_port():
     return s.getsockname()[1]
 
 
+SYNC_DISPATCH_PROBE = """
+import sys
+import jax, jax.numpy as jnp
+from absl import app
+from jaxkd import main, train
+
+def probe(*args, **kwargs):  # instead of training: is a long computation done on return?
+  x = jnp.ones((1024, 1024))
+  y = jax.jit(lambda x: jax.lax.fori_loop(0, 50, lambda i, x: jnp.tanh(x @ x), x))(x)
+  print("READY_ON_RETURN", y.is_ready(), jax.device_count())
+  sys.exit(0)
+
+train.Experiment = probe
+sys.argv = ["jaxkd.main", "--config", sys.argv[1], "--workdir", sys.argv[2],
+            "--config.suite=('teacher',)"]
+app.run(main.main)
+"""
+
+
+def test_cli_dispatches_synchronously_on_several_cpu_devices(tmp_path):
+  """jaxkd.main turns asynchronous dispatch off before JAX makes its CPU client (the setting
+  is read only then): with several CPU devices a computation is complete when its call
+  returns. (Asynchronously, overlapping programs with collectives deadlock now and then.)"""
+  result = subprocess.run(
+      [sys.executable, "-c", SYNC_DISPATCH_PROBE, os.path.join(REPO, "configs", "quickstart.py"),
+       str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert "READY_ON_RETURN True 2" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
 def test_two_processes_agree_with_one(fmnist_dir, tmp_path):
   """Two processes on localhost (4 CPU devices each) train a few steps like one process
   with 8 devices: the same global batches, the same losses."""
