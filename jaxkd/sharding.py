@@ -44,6 +44,14 @@ def initialize_distributed(coordinator_address: str | None = None,
   else:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+  if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+    # Seen with jax 0.10.2: one device's part of a Gloo all-gather waits on XLA:CPU's executor
+    # semaphore while the others wait in the all-gather, for ever (now and then).
+    logging.warning(
+        "%d CPU devices in each of %d processes: XLA's Gloo collectives can hang with several "
+        "CPU devices per process; give each process one "
+        "(--xla_force_host_platform_device_count=1) and run more processes instead.",
+        jax.local_device_count(), jax.process_count())
 
 
 def make_mesh(devices=None) -> Mesh:

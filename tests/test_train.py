@@ -319,28 +319,51 @@ def test_cli_dispatches_synchronously_on_several_cpu_devices(tmp_path):
   assert "READY_ON_RETURN True 2" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
-def test_two_processes_agree_with_one(fmnist_dir, tmp_path):
-  """Two processes on localhost (4 CPU devices each) train a few steps like one process
-  with 8 devices: the same global batches, the same losses."""
-  steps = 4
-  single = cli(run_cli_config(str(tmp_path / "single"), fmnist_dir, steps),
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
+def run_two_processes(workdir, data_dir, steps, timeout):
+  """Two jaxkd.main processes on localhost with one CPU device each: [(returncode, stderr)],
+  or None when they did not finish within `timeout` s (then killed)."""
   port = free_port()
   procs = []
-  for pid in range(2):
-    args = run_cli_config(str(tmp_path / "multi"), fmnist_dir, steps, extra=(
-        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"))
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  try:
+    for pid in range(2):
+      args = run_cli_config(workdir, data_dir, steps, extra=(
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"))
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
+          env={**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errs)]
+  except subprocess.TimeoutExpired:
+    return None
+  finally:  # a failed or timed-out run leaves no process behind
+    for p in procs:
+      p.kill()
+
+
+def test_two_processes_agree_with_one(fmnist_dir, tmp_path):
+  """Two processes on localhost (one CPU device each, Gloo between them) train a few steps
+  like one process with 2 devices: the same global batches, the same losses.
+
+  One device per process, and a hung run is retried: with several CPU devices per process,
+  XLA:CPU (jax 0.10.2) now and then leaves one device's part of a Gloo all-gather waiting on
+  its executor's semaphore while the other devices wait in the all-gather, for ever (gdb:
+  xla::Semaphore::Acquire in CpuPjRtRawLoadedExecutable::Execute; nothing of jaxkd's runs)."""
+  steps = 4
+  single = cli(run_cli_config(str(tmp_path / "single"), fmnist_dir, steps),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  for attempt in range(3):  # a run takes ~35 s on 2 cores
+    workdir = str(tmp_path / f"multi{attempt}")
+    results = run_two_processes(workdir, fmnist_dir, steps, timeout=180)
+    if results is not None:
+      break
+  assert results is not None, "two processes hung three times"
+  for returncode, err in results:
+    assert returncode == 0, err[-3000:]
   one = read_metrics(str(tmp_path / "single" / "teacher"))
-  two = read_metrics(str(tmp_path / "multi" / "teacher"))
+  two = read_metrics(os.path.join(workdir, "teacher"))
   assert len(one) == len(two) == steps
   np.testing.assert_allclose([v for _, v in one], [v for _, v in two], rtol=1e-4)
 
