@@ -46,7 +46,6 @@ def main(argv):
   from jaxkd import suite
   from jaxkd import train
 
-  sharding.avoid_cpu_collective_deadlocks()  # before anything makes JAX's CPU client
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   config = FLAGS.config

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import jax
 import numpy as np
@@ -38,7 +37,6 @@ def initialize_distributed(coordinator_address: str | None = None,
     return
   if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    avoid_cpu_collective_deadlocks(several_processes=True)
   if auto and not coordinator_address:
     jax.distributed.initialize()
   else:
@@ -101,42 +99,16 @@ def put_replicated(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
-def avoid_cpu_collective_deadlocks(several_processes: bool = False) -> None:
-  """Dispatches synchronously on CPU when there are several CPU devices or processes.
+def avoid_cpu_collective_deadlocks() -> None:
+  """Dispatches synchronously when the devices are several CPU devices.
 
   XLA's CPU devices share one thread pool. With several (virtual) CPU devices, two programs
-  that run collectives at the same time (an evaluation step still running while the next one
-  is dispatched) can starve each other's rendezvous, which XLA aborts after 40 s, or, with
-  Gloo between processes, wait forever. Synchronous dispatch runs one program at a time;
-  accelerators are unaffected.
-
-  JAX reads this setting when it creates its CPU client (the first jax.devices(),
-  device_count() or computation), so it must come before: `jaxkd.main` calls it first thing,
-  and `train.Experiment` again for library use, where it warns if it comes too late.
+  that run collectives at the same time (a train step still running while the next batch or
+  an evaluation is dispatched) can starve each other's rendezvous, which XLA aborts after
+  40 s. Synchronous dispatch runs one program at a time; accelerators are unaffected.
   """
-  if not (several_processes or _requested_cpu_devices() > 1):
-    return
-  if _backends_initialized():
-    if multi_device_cpu() and jax.config.read("jax_cpu_enable_async_dispatch"):
-      logging.warning(
-          "JAX's CPU client already dispatches asynchronously with %d CPU devices: programs "
-          "with collectives may deadlock. Call jaxkd.sharding.avoid_cpu_collective_deadlocks() "
-          "(or jax.config.update('jax_cpu_enable_async_dispatch', False)) before the first "
-          "use of jax.devices().", jax.device_count())
-    return
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-
-def _requested_cpu_devices() -> int:
-  """The CPU device count asked for by XLA_FLAGS or jax_num_cpu_devices (no backend made)."""
-  flag = re.search(r"--xla_force_host_platform_device_count=(\d+)",
-                   os.environ.get("XLA_FLAGS", ""))
-  return max(int(flag.group(1)) if flag else 1, jax.config.jax_num_cpu_devices)
-
-
-def _backends_initialized() -> bool:
-  from jax._src import xla_bridge  # no public API says whether the clients exist yet
-  return xla_bridge.backends_are_initialized()
+  if multi_device_cpu():
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def multi_device_cpu() -> bool:

@@ -288,35 +288,39 @@ def free_port():
     return s.getsockname()[1]
 
 
-SYNC_DISPATCH_PROBE = """
-import sys
-import jax, jax.numpy as jnp
-from absl import app
-from jaxkd import main, train
+class FixedLogits:
+  """A stand-in model whose "images" are its logits."""
 
-def probe(*args, **kwargs):  # instead of training: is a long computation done on return?
-  x = jnp.ones((1024, 1024))
-  y = jax.jit(lambda x: jax.lax.fori_loop(0, 50, lambda i, x: jnp.tanh(x @ x), x))(x)
-  print("READY_ON_RETURN", y.is_ready(), jax.device_count())
-  sys.exit(0)
-
-train.Experiment = probe
-sys.argv = ["jaxkd.main", "--config", sys.argv[1], "--workdir", sys.argv[2],
-            "--config.suite=('teacher',)"]
-app.run(main.main)
-"""
+  def apply(self, variables, images, train):
+    return images
 
 
-def test_cli_dispatches_synchronously_on_several_cpu_devices(tmp_path):
-  """jaxkd.main turns asynchronous dispatch off before JAX makes its CPU client (the setting
-  is read only then): with several CPU devices a computation is complete when its call
-  returns. (Asynchronously, overlapping programs with collectives deadlock now and then.)"""
-  result = subprocess.run(
-      [sys.executable, "-c", SYNC_DISPATCH_PROBE, os.path.join(REPO, "configs", "quickstart.py"),
-       str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  assert "READY_ON_RETURN True 2" in result.stdout, result.stdout + result.stderr[-3000:]
+def test_eval_step_counts_match_numpy_and_stay_sharded():
+  """Top-1/top-5 in lax.top_k's order (ties to the lower class), CE, per-class counts, padding
+  rows nowhere; computed without gathering the logits of a batch sharded over 8 devices."""
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-2, 3, (64, 7)).astype(np.float32)  # small integers: many ties
+  labels = rng.integers(0, 7, 64).astype(np.int32)
+  mask = rng.random(64) < 0.8
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  batch = jax.device_put({"image": logits, "label": labels, "mask": mask},
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  step = jax.jit(lambda batch: train.eval_step(FixedLogits(), 7, None, batch))
+  out = jax.device_get(step(batch))
+  order = np.argsort(-logits, axis=1, kind="stable")  # top_k's order
+  rank = np.argmax(order == labels[:, None], axis=1)
+  z = logits.astype(np.float64)
+  logp = z - z.max(1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+  ce = -logp[np.arange(64), labels]
+  assert out["top1"] == np.sum((rank == 0) & mask)
+  assert out["top5"] == np.sum((rank < 5) & mask)
+  assert out["count"] == mask.sum()
+  np.testing.assert_allclose(out["ce"], ce[mask].sum(), rtol=1e-5)
+  np.testing.assert_array_equal(out["class_hits"],
+                                np.bincount(labels[(rank == 0) & mask], minlength=7))
+  np.testing.assert_array_equal(out["class_count"], np.bincount(labels[mask], minlength=7))
+  assert "all-gather" not in step.lower(batch).compile().as_text()
 
 
 def run_two_processes(workdir, data_dir, steps, timeout):
@@ -344,25 +348,30 @@ def run_two_processes(workdir, data_dir, steps, timeout):
 
 def test_two_processes_agree_with_one(fmnist_dir, tmp_path):
   """Two processes on localhost (one CPU device each, Gloo between them) train a few steps
-  like one process with 2 devices: the same global batches, the same losses.
+  like one process with 8 devices: the same global batches, the same losses.
 
-  One device per process, and a hung run is retried: with several CPU devices per process,
-  XLA:CPU (jax 0.10.2) now and then leaves one device's part of a Gloo all-gather waiting on
-  its executor's semaphore while the other devices wait in the all-gather, for ever (gdb:
-  xla::Semaphore::Acquire in CpuPjRtRawLoadedExecutable::Execute; nothing of jaxkd's runs)."""
+  XLA:CPU (jax 0.10.2) now and then leaves one device's part of an evaluation program's
+  collective unstarted (gdb: xla::Semaphore::Acquire in CpuPjRtRawLoadedExecutable::Execute)
+  while the others wait in it: in one process it aborts after 40 s ("Termination timeout"),
+  across processes with Gloo it hangs; more often with several CPU devices per process and
+  with few devices per core. So: one device per process, and a run that XLA aborts or that
+  hangs is retried (nothing of jaxkd's runs in those threads)."""
   steps = 4
-  single = cli(run_cli_config(str(tmp_path / "single"), fmnist_dir, steps),
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=600)
+  for attempt in range(3):
+    single_dir = str(tmp_path / f"single{attempt}")
+    single = cli(run_cli_config(single_dir, fmnist_dir, steps), timeout=600)
+    if "Termination timeout" not in single.stderr:
+      break
   assert single.returncode == 0, single.stderr[-3000:]
   for attempt in range(3):  # a run takes ~35 s on 2 cores
     workdir = str(tmp_path / f"multi{attempt}")
     results = run_two_processes(workdir, fmnist_dir, steps, timeout=180)
-    if results is not None:
+    if results is not None and not any("Termination timeout" in err for _, err in results):
       break
   assert results is not None, "two processes hung three times"
   for returncode, err in results:
     assert returncode == 0, err[-3000:]
-  one = read_metrics(str(tmp_path / "single" / "teacher"))
+  one = read_metrics(os.path.join(single_dir, "teacher"))
   two = read_metrics(os.path.join(workdir, "teacher"))
   assert len(one) == len(two) == steps
   np.testing.assert_allclose([v for _, v in one], [v for _, v in two], rtol=1e-4)
