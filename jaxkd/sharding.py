@@ -106,6 +106,12 @@ def avoid_cpu_collective_deadlocks() -> None:
   that run collectives at the same time (a train step still running while the next batch or
   an evaluation is dispatched) can starve each other's rendezvous, which XLA aborts after
   40 s. Synchronous dispatch runs one program at a time; accelerators are unaffected.
+
+  Caveat (measured 2026-11-30, jax 0.10.2): JAX reads this setting only when it creates its
+  CPU client, which `jaxkd.main` and the tests have done before this runs, so it has no
+  effect there. Making it effective did not remove XLA:CPU's rare evaluation aborts with 2
+  CPU devices (2/12 runs asynchronous, 5/12 synchronous), so it is left as it is until that
+  XLA issue is understood.
   """
   if multi_device_cpu():
     jax.config.update("jax_cpu_enable_async_dispatch", False)
