@@ -7,6 +7,9 @@ Presets (`--config configs/cifar100.py:PRESET[,key=value...]`):
   MODEL,self_distill             one-stage PS-KD; add method=ipwd for PS-KD + IPW
   ...,lt=100                     the long-tailed CIFAR-100-LT train split (rho = 10, 50, 100)
   ...,beta=B                     DKD beta (default: the pair's published beta)
+  ...,epochs=N                   another number of epochs
+  ...,paper                      EA-KD / EA-DKD as the paper writes them (H_ub = ln C) instead
+                                 of the reference code (H_ub = 100)
   ...,smoke                      a few steps at batch 16, for tests
 
 Examples (one GPU; the recipe's global batch 64 is kept whatever the device count):
@@ -20,10 +23,12 @@ A PyTorch teacher from mdistiller/RepDistiller converts with
       --out teachers/resnet32x4
 and the default `teacher.checkpoint` of a pair is `teachers/<TEACHER>`.
 
-Recipe (METHODS Part II §5.3): 240 epochs, batch 64, SGD momentum 0.9, weight decay 5e-4,
+Recipe (docs/METHODS.md#cifar-100): 240 epochs, batch 64, SGD momentum 0.9, weight decay 5e-4,
 lr 0.05 (0.01 for ShuffleNet/MobileNet students) ×0.1 after epochs 150, 180, 210; random
 crop 32 (4-px padding) + flip. KD τ 4, 0.1·CE + 0.9·KD. DKD α 1, β per pair, τ 4, warm-up
-20 epochs. ER-DKD uses the β of the ER-KD authors' fork where it has one.
+20 epochs. ER-DKD uses the β of the ER-KD authors' fork where it has one. EA-KD and EA-DKD
+use the reference code's H_ub = 100 (the paper writes ln C; `paper` selects it), t = 3
+(docs/METHODS.md#reference-code-and-paper).
 
 Expected best top-1 (mean of 5 runs, published; mdistiller README / CRD README):
 
@@ -41,8 +46,8 @@ Expected best top-1 (mean of 5 runs, published; mdistiller README / CRD README):
 | ResNet50 → MobileNetV2 | 79.34 | 67.35 | 70.35 |
 | resnet32x4 → ShuffleV2 | 79.42 | 74.45 | 77.07 |
 
-ER-KD, EA-KD and IPWD published numbers could not be retrieved (METHODS Part II §2.4, §3.2,
-§4.4). Time: see benchmarks/results (train-<device>.md) for the projected 240-epoch wall-clock.
+The ER-KD, EA-KD and IPWD numbers that are known are in docs/METHODS.md#published-numbers.
+Time: benchmarks/results/train-cpu-2core.md projects the 240-epoch wall-clock per pair.
 """
 
 from jaxkd import config as jconfig
@@ -74,22 +79,23 @@ def _pair(teacher: str, student: str):
 
 
 def get_config(arg=None):
-  positional, named = jconfig.parse_arg(arg)
-  presets = [p for p in positional if p not in ("smoke", "self_distill")]
+  positional, named = jconfig.parse_arg(arg, method=str, beta=float, lt=float, epochs=int,
+                                        teacher_checkpoint=str)
+  presets = [p for p in positional if p not in ("smoke", "self_distill", "paper")]
   if len(presets) != 1:
     raise ValueError("configs/cifar100.py needs one preset: MODEL or TEACHER-STUDENT, e.g. "
                      "configs/cifar100.py:resnet32x4-resnet8x4,method=erkd")
   c = jconfig.default_config()
   c.dataset.name = "cifar100"
+  h_ub = None if "paper" in positional else jconfig.REFERENCE_CIFAR_ENTROPY_UPPER_BOUND
   preset = presets[0]
+  method = named.get("method", "kd")
   if "-" in preset:
     teacher, student, known = _pair(*preset.split("-", 1))
     lr, beta, fork_beta = known or (
         0.01 if student in SMALL_LR_STUDENTS else 0.05, 8.0, None)
-    method = named.get("method", "kd")
-    beta = float(named["beta"]) if "beta" in named else (
-        fork_beta if method.startswith("er") and fork_beta else beta)
-    jconfig.apply_method(c, method, dkd_beta=beta)
+    beta = named.get("beta", fork_beta if method.startswith("er") and fork_beta else beta)
+    jconfig.apply_method(c, method, dkd_beta=beta, entropy_upper_bound=h_ub)
     c.mode = "distill"
     c.model, c.teacher.model = student, teacher
     c.teacher.checkpoint = named.get("teacher_checkpoint", f"teachers/{teacher}")
@@ -99,20 +105,15 @@ def get_config(arg=None):
     c.teacher.model = ""
     c.optimizer.lr = 0.01 if preset in SMALL_LR_STUDENTS else 0.05
     if "self_distill" in positional:
-      method = named.get("method", "kd")
       jconfig.apply_method(c, method)
       c.mode = "self_distill"
     else:
       jconfig.apply_method(c, "ce")
+      c.mode = "teacher"
   if "lt" in named:
-    c.dataset.long_tail_factor = float(named["lt"])
+    c.dataset.long_tail_factor = named["lt"]
   if "epochs" in named:
-    c.num_epochs = int(named["epochs"])
+    c.num_epochs = named["epochs"]
   if "smoke" in positional:
-    c.batch_size = 16
-    c.eval_batch_size = 64
-    c.max_steps = 3
-    c.log_every_steps = 1
-    c.checkpoint.every_steps = 2
-    c.progress_bar = False
+    jconfig.apply_smoke(c)
   return c

@@ -1,19 +1,24 @@
-"""Config defaults, method presets and validation (used by configs/*.py and the CLI).
+"""Configs: defaults, method presets, validation, and the resolved run.
 
 A config is an `ml_collections.ConfigDict`; `default_config()` lists every field with the
-CIFAR-100 recipe (METHODS Part I §7). `validate(config)` checks it before anything heavy
-starts and raises `ConfigError` with one message that says what is wrong and what to do.
+CIFAR-100 recipe (docs/METHODS.md#cifar-100). `validate(config)` checks it before anything
+heavy starts and raises `ConfigError` with one message that says what is wrong and what to
+do. `resolve(config)` turns it, once, into a frozen `RunSpec`: the only place where a mode
+and a method become concrete objective settings. The trainer reads the `RunSpec`, never the
+config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from jaxkd import objectives
+from jaxkd import optim
 
 
 class ConfigError(ValueError):
@@ -22,12 +27,14 @@ class ConfigError(ValueError):
 
 MODES = ("teacher", "distill", "self_distill")
 DTYPES = ("float32", "bfloat16")
+# Where each mode's soft targets come from (objectives.TARGETS).
+_TARGETS = {"teacher": "labels", "distill": "teacher", "self_distill": "self"}
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field, with the CIFAR-100 KD recipe (240 epochs, batch 64, SGD 0.05)."""
   c = ml_collections.ConfigDict()
-  c.mode = "distill"
+  c.mode = "distill"                          # teacher (supervised) | distill | self_distill
   c.method = "kd"
   c.model = "resnet8x4"                       # the student (the model trained in any mode)
   c.teacher = ml_collections.ConfigDict()
@@ -51,19 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seeds_per_vmap = 0                        # seeds vectorised together; 0: all on GPU/TPU, 1 on CPU
   c.dtype = "float32"                         # compute dtype of teacher and student
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "sgd"
-  c.optimizer.lr = 0.05
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = False
-  c.optimizer.weight_decay = 5e-4
-  c.optimizer.milestones = (150, 180, 210)
-  c.optimizer.decay = 0.1
-  c.optimizer.warmup_epochs = 0.0
-  c.optimizer.schedule = "step"               # step (the recipes) | cosine
+  c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optim.OptimizerConfig()))
 
-  loss = dataclasses.asdict(objectives.LossConfig())
-  c.loss = ml_collections.ConfigDict(loss)
+  c.loss = ml_collections.ConfigDict(dataclasses.asdict(objectives.LossConfig()))
   for key, kind in (("entropy_upper_bound", float), ("ipw_max_weight", float),
                     ("normalize", str)):
     c.loss[key] = config_dict.placeholder(kind)
@@ -82,14 +79,23 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# EA-KD's H_ub in the reference code's CIFAR KD and DKD losses: the literal 100, not ln C
+# (docs/METHODS.md#reference-code-and-paper).
+REFERENCE_CIFAR_ENTROPY_UPPER_BOUND = 100.0
+
+
 def apply_method(c: ml_collections.ConfigDict, method: str, *, imagenet: bool = False,
-                 dkd_beta: float | None = None) -> ml_collections.ConfigDict:
-  """Sets the objective of a named method with its published defaults (METHODS Part I).
+                 dkd_beta: float | None = None,
+                 entropy_upper_bound: float | None = None) -> ml_collections.ConfigDict:
+  """Sets the loss of a named method with its published defaults (docs/METHODS.md#recipes).
 
   kd: w_CE 0.1, w_KD 0.9, τ 4 (ImageNet: 0.5/0.5, τ 1); erkd: kd × teacher entropy at τ′ 4;
-  eakd: kd × ½H_t(1 + H_s/ln C) at t 3 (ImageNet t 2); ipwd: kd × inverse propensity with the
-  auxiliary head; dkd / erdkd: w_CE 1, α 1, β per pair, τ 4, warm-up 20 (ImageNet τ 1,
-  warm-up 1); ce: the vanilla student.
+  eakd: kd × ½H_t(1 + H_s/H_ub) at t 3 (ImageNet KD: t 2; EA-DKD: t 3 everywhere, as the
+  reference code runs it); ipwd: kd × inverse propensity with the auxiliary head; dkd /
+  erdkd / eadkd: w_CE 1, α 1, β per pair, τ 4, warm-up 20 (ImageNet τ 1, warm-up 1);
+  ce: the vanilla student. `entropy_upper_bound`: EA-KD's H_ub (None: ln C).
+
+  Only `c.method` and `c.loss` change: the mode stays the caller's choice.
   """
   if method not in objectives.METHODS:
     raise ConfigError(f"unknown method {method!r}; known: {', '.join(objectives.METHODS)}.")
@@ -107,24 +113,54 @@ def apply_method(c: ml_collections.ConfigDict, method: str, *, imagenet: bool = 
     c.loss.dkd_warmup_epochs = 1.0 if imagenet else 20.0
     if dkd_beta is not None:
       c.loss.dkd_beta = dkd_beta
-  c.loss.adaptive_temperature = 2.0 if imagenet else 3.0
-  if base == "ce":
-    c.mode = "teacher"
+  c.loss.adaptive_temperature = 2.0 if imagenet and base == "kd" else 3.0
+  if weighting == "adaptive_entropy":
+    c.loss.entropy_upper_bound = entropy_upper_bound
   return c
 
 
-def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
-  """'a-b,method=kd,smoke' -> (['a-b', 'smoke'], {'method': 'kd'}), as big_vision's presets."""
+def apply_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 16, eval_batch_size: int = 64,
+                max_steps: int = 3, checkpoint_every_steps: int = 2) -> ml_collections.ConfigDict:
+  """The `smoke` preset shared by the configs: a few steps at a small batch, for tests."""
+  c.batch_size, c.eval_batch_size, c.max_steps = batch_size, eval_batch_size, max_steps
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = checkpoint_every_steps
+  c.progress_bar = False
+  return c
+
+
+def _parse_bool(value: str) -> bool:
+  if value.lower() in ("1", "true", "yes"):
+    return True
+  if value.lower() in ("0", "false", "no"):
+    return False
+  raise ValueError(f"not a boolean: {value!r}")
+
+
+def parse_arg(arg: str | None, **types: type) -> tuple[list[str], dict[str, Any]]:
+  """'a-b,method=kd,lt=100,smoke' -> (['a-b', 'smoke'], {'method': 'kd', 'lt': 100.0}).
+
+  A config's presets, as big_vision's: positional words and typed `key=value` options.
+  `types` names every option the config accepts with its type (str, int, float, bool); an
+  unknown option or a value of the wrong type raises ConfigError listing what is accepted.
+  """
   positional, named = [], {}
   for part in (arg or "").split(","):
     part = part.strip()
     if not part:
       continue
-    if "=" in part:
-      k, v = part.split("=", 1)
-      named[k.strip()] = v.strip()
-    else:
+    if "=" not in part:
       positional.append(part)
+      continue
+    key, value = (s.strip() for s in part.split("=", 1))
+    if key not in types:
+      raise ConfigError(f"unknown config option {key!r} in {arg!r}; this config takes "
+                        f"{', '.join(sorted(types)) or 'no options'}.")
+    kind = types[key]
+    try:
+      named[key] = _parse_bool(value) if kind is bool else kind(value)
+    except ValueError:
+      raise ConfigError(f"config option {key}={value!r} must be a {kind.__name__}.") from None
   return positional, named
 
 
@@ -139,8 +175,26 @@ def teacher_commands(c: ml_collections.ConfigDict) -> str:
           f"  python -m jaxkd.convert --model {model} --torch ckpt_epoch_240.pth --out {path}")
 
 
-def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
-  """Raises ConfigError if `c` cannot run; checks are cheap (no data, no compilation)."""
+def _objective(c: ml_collections.ConfigDict) -> objectives.Objective:
+  """The objective of a config: a supervised run's loss is plain CE, whatever `c.loss` says."""
+  fields = dict(c.loss)
+  if c.mode == "teacher":
+    fields.update(base="ce", weighting="none", ce_weight=1.0)
+  obj = objectives.Objective(
+      loss=objectives.loss_config(fields), targets=_TARGETS[c.mode],
+      pskd_alpha_final=float(c.self_distill.alpha_final),
+      ipw_start_epoch=int(c.self_distill.ipw_start_epoch))
+  obj.validate()
+  return obj
+
+
+def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
+             teacher_from_suite: bool = False) -> None:
+  """Raises ConfigError if `c` cannot run; checks are cheap (no data, no compilation).
+
+  `teacher_from_suite`: the teacher checkpoint is made by an earlier run of the same suite,
+  so it need not exist yet.
+  """
   from jaxkd import data as jdata  # deferred: keeps `import jaxkd.config` light
   from jaxkd import models
 
@@ -171,16 +225,13 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None) -
       raise ConfigError(f"config.{field}={name} takes {spec.input_shape[-1]}-channel images but "
                         f"{ds.name} has {ds.image_shape[-1]}; pick a {spec.dataset_family} "
                         f"dataset or another model.")
-  fields = dict(c.loss)
-  if c.mode == "teacher":
-    fields.update(base="ce", weighting="none")
   try:
-    loss = objectives.loss_config(fields)
+    _objective(c)
   except ValueError as e:
+    if c.mode == "distill" and "needs a distillation loss" in str(e):
+      raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
+                        "mode 'teacher' for plain CE training.") from None
     raise ConfigError(str(e)) from None
-  if c.mode == "distill" and not loss.needs_teacher:
-    raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
-                      "mode 'teacher' for plain CE training.")
   if c.dtype not in DTYPES:
     raise ConfigError(f"config.dtype must be one of {DTYPES}, got {c.dtype!r}.")
   for field in ("batch_size", "eval_batch_size", "num_epochs", "num_seeds"):
@@ -190,11 +241,10 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None) -
   if not (isinstance(spv, int) and 0 <= spv <= c.num_seeds):
     raise ConfigError(f"config.seeds_per_vmap must be an integer from 0 (automatic) to "
                       f"config.num_seeds={c.num_seeds}, got {spv!r}.")
-  if c.optimizer.schedule not in ("step", "cosine"):
-    raise ConfigError(f"config.optimizer.schedule must be step or cosine, got "
-                      f"{c.optimizer.schedule!r}.")
-  if c.optimizer.lr <= 0:
-    raise ConfigError(f"config.optimizer.lr must be positive, got {c.optimizer.lr!r}.")
+  try:
+    _optimizer(c)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
   if device_count is not None:
     for field in ("batch_size", "eval_batch_size"):
       if c[field] % device_count:
@@ -203,9 +253,85 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None) -
             f"global batch is part of the recipe, so choose a multiple of {device_count} "
             f"(e.g. --config.{field}={(c[field] // device_count + 1) * device_count}) or run "
             f"on a number of devices that divides it.")
-  if c.mode == "distill":
+  if c.mode == "distill" and not teacher_from_suite:
     path = c.teacher.checkpoint
     if not path or not os.path.isdir(path):
       raise ConfigError(
           f"the teacher checkpoint {path or '(config.teacher.checkpoint is empty)'} does not "
           f"exist; " + teacher_commands(c))
+
+
+def _optimizer(c: ml_collections.ConfigDict) -> optim.OptimizerConfig:
+  fields = dict(c.optimizer)
+  fields["milestones"] = tuple(int(m) for m in fields.get("milestones", ()))
+  opt = optim.OptimizerConfig(**fields)
+  opt.validate()
+  return opt
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Which data a run reads, and through which pipeline."""
+  name: str
+  data_dir: str | None
+  device_resident: bool
+  num_workers: int
+  long_tail_factor: float | None
+  long_tail_seed: int
+  spec_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything a run is, resolved once from a validated config.
+
+  `teacher_model` and `teacher_checkpoint` are None unless the objective's targets are
+  "teacher". `seeds` holds one seed per student trained in the same program.
+  """
+  mode: str
+  method: str
+  model: str
+  teacher_model: str | None
+  teacher_checkpoint: str | None
+  objective: objectives.Objective
+  optimizer: optim.OptimizerConfig
+  data: DataSpec
+  batch_size: int
+  eval_batch_size: int
+  num_epochs: int
+  max_steps: int
+  seeds: tuple[int, ...]
+  seeds_per_vmap: int            # 0: the platform's default
+  dtype: str
+  checkpoint_every_steps: int    # 0: every epoch
+  checkpoint_keep: int
+  log_every_steps: int
+  eval_every_epochs: int
+  progress_bar: bool
+
+
+def resolve(c: ml_collections.ConfigDict) -> RunSpec:
+  """The `RunSpec` of a config (validate it first for the user-facing messages)."""
+  from jaxkd import data as jdata  # deferred, as in `validate`
+
+  ds = c.dataset
+  ds_spec = jdata.spec(ds.name)
+  distill = c.mode == "distill"
+  return RunSpec(
+      mode=c.mode, method=c.get("method", "kd"), model=c.model,
+      teacher_model=(c.teacher.model or None) if distill else None,
+      teacher_checkpoint=os.path.abspath(c.teacher.checkpoint) if distill else None,
+      objective=_objective(c), optimizer=_optimizer(c),
+      data=DataSpec(
+          name=ds.name, data_dir=ds.data_dir,
+          device_resident=ds.input == "device" or (ds.input == "auto" and ds_spec.fits_on_device),
+          num_workers=int(ds.num_workers), long_tail_factor=ds.get("long_tail_factor"),
+          long_tail_seed=int(ds.get("long_tail_seed", 0)),
+          spec_overrides=tuple(sorted(dict(ds.get("spec_overrides", {})).items()))),
+      batch_size=c.batch_size, eval_batch_size=c.eval_batch_size, num_epochs=c.num_epochs,
+      max_steps=int(c.get("max_steps", 0)),
+      seeds=tuple(c.seed + i for i in range(int(c.get("num_seeds", 1)))),
+      seeds_per_vmap=int(c.get("seeds_per_vmap", 0)), dtype=c.dtype,
+      checkpoint_every_steps=int(c.checkpoint.every_steps),
+      checkpoint_keep=int(c.checkpoint.keep), log_every_steps=max(1, int(c.log_every_steps)),
+      eval_every_epochs=int(c.eval_every_epochs), progress_bar=bool(c.progress_bar))

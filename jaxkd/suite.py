@@ -57,11 +57,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   """Validates every run; a teacher made by an earlier run of the suite need not exist yet."""
   produced = set()
   for name, run in expand(config, "/nonexistent-workdir"):
-    checkpoint = run.teacher.checkpoint
-    if run.mode == "distill" and checkpoint in produced:
-      run.mode = "teacher"  # the teacher comes from this suite: validate the rest only
-      run.loss.base, run.loss.weighting = "ce", "none"
-    jconfig.validate(run, device_count=device_count)
+    from_suite = run.mode == "distill" and run.teacher.checkpoint in produced
+    jconfig.validate(run, device_count=device_count, teacher_from_suite=from_suite)
     produced.add(f"/nonexistent-workdir/{name}/model")
 
 
