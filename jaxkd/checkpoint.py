@@ -6,12 +6,13 @@ A model-variables checkpoint is a directory:
   DIR/model.json      {"format", "model", "num_classes", "source", ...}
 
 `python -m jaxkd.convert` writes one from a PyTorch file; a distillation run restores its
-teacher with `restore_model_variables` and never saves it again. orbax needs absolute paths
-(docs/ENVIRONMENT.md §6), so every path is made absolute here.
+teacher with `restore_model_variables` and never saves it again. orbax rejects relative paths
+when it finishes a save ("Checkpoint path should be absolute"), so every path is made absolute
+here. How a run resumes from its checkpoints: docs/DESIGN.md#checkpoints-and-resume.
 
 A run checkpoint (`run_manager`, `save_run`, `restore_run`) is an orbax CheckpointManager
 step with two items: "state" (the whole TrainState: parameters, BatchNorm statistics,
-optimizer state, step, RNG, and in self-distillation the per-example prediction table) and
+optimizer state, step, and in self-distillation the per-example prediction table) and
 "meta" (JSON: the data iterator's state and the run's evaluation summary). orbax writes each
 step to a temporary folder and renames it when complete, so an interrupted save is never
 picked up as the latest step.
@@ -61,7 +62,7 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
   """
   directory = os.path.abspath(os.fspath(directory))
   spec = models.spec(model)
-  expected = _abstract_variables(spec.name, num_classes)
+  expected = models.abstract_variables(spec.name, num_classes)
   got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
                      flax.core.unfreeze(variables))
   if jax.tree.structure(got) != jax.tree.structure(expected) or any(
@@ -132,21 +133,13 @@ def restore_model_variables(directory: str | os.PathLike, *,
   """
   directory = os.path.abspath(os.fspath(directory))
   metadata = read_metadata(directory)
-  target = _abstract_variables(metadata["model"], metadata["num_classes"])
+  target = models.abstract_variables(metadata["model"], metadata["num_classes"])
   if sharding is not None:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           target)
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR), target)
   return variables, metadata
-
-
-def _abstract_variables(model: str, num_classes: int) -> Any:
-  """ShapeDtypeStructs of the variables of `model` (nothing is computed)."""
-  module = models.create(model, num_classes)
-  images = jnp.zeros((1, *models.input_shape(model)), jnp.float32)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), images, train=False))
-  return flax.core.unfreeze(abstract)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import re
-from pathlib import Path
 
 import flax
 import jax
 import jax.extend
 import jax.numpy as jnp
+import jax.test_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 import torch
 
 import jaxkd.models as models
+from jaxkd.models import cpu_conv
 from jaxkd.models import layers
 from jaxkd.models import torch_import
 import torch_models
@@ -32,10 +34,10 @@ import torch_models
 torch.set_num_threads(1)
 
 ALL = models.available()
-STATE_DICTS = Path(__file__).parents[2] / "shared/docs/STATE_DICTS.md"
 
-# Trainable parameters: METHODS Part II §6 (100 classes), STATE_DICTS.md headings (vgg11/16/19,
-# CIFAR ResNet34), torchvision (ImageNet ResNets, 1000 classes), ours (quick, 10 classes).
+# Trainable parameters as PyTorch counts them for the peers' models (100 classes; ImageNet
+# models 1000, the ResNets' equal to torchvision's published counts), ours for the quick
+# models (10 classes).
 PARAM_COUNTS = {
     "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756,
     "resnet44": 667_188, "resnet56": 861_620, "resnet110": 1_736_564,
@@ -51,22 +53,12 @@ PARAM_COUNTS = {
 }
 NUM_CLASSES = {"cifar": 100, "imagenet": 1000, "quick": 10}
 
-# STATE_DICTS.md headings that are not registry names.
-_DOC_NAMES = {"ResNet18 (cifar)": "ResNet18", "ResNet34 (cifar)": "ResNet34",
-              "ResNet50 (cifar)": "ResNet50", "ResNet18 (imagenet)": "resnet18_imagenet",
-              "ResNet34 (imagenet)": "resnet34_imagenet",
-              "ResNet50 (imagenet)": "resnet50_imagenet",
-              "MobileNetV1 (imagenet)": "mobilenetv1_imagenet"}
-
-
 def num_classes(name):
   return NUM_CLASSES[models.dataset_family(name)]
 
 
 def abstract_variables(name, dtype=jnp.float32):
-  module = models.create(name, num_classes(name), dtype=dtype)
-  images = jnp.zeros((2, *models.input_shape(name)), jnp.float32)
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), images, train=False))
+  return models.abstract_variables(name, num_classes(name), dtype=dtype)
 
 
 def rel_err(actual, expected):
@@ -113,6 +105,32 @@ def test_registry_names_and_lookup():
   assert models.input_shape("quick_student") == (28, 28, 1)
   assert models.feature_dim("resnet32x4") == 256
   assert models.create("ResNet50", 100).feature_dim == 2048
+  assert models.create("wrn_40_2", 7, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+  assert models.create("mobile_half", 7).width_mult == 0.5
+
+
+def test_abstract_variables_are_shapes_of_the_real_ones():
+  abstract = models.abstract_variables("resnet8", 10)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+  real = models.create("resnet8", 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert jax.tree.structure(abstract) == jax.tree.structure(flax.core.unfreeze(real))
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [
+      (x.shape, x.dtype) for x in jax.tree.leaves(real)]
+  assert abstract["params"]["fc"]["kernel"].shape == (64, 10)
+
+
+def test_aux_head_is_a_float32_dense_layer_named_fc():
+  head = models.AuxHead(5)
+  features = jax.random.normal(jax.random.key(1), (3, 8), jnp.bfloat16)
+  params = head.init(jax.random.key(0), features)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == {
+      "params": {"fc": {"kernel": ((8, 5), jnp.float32), "bias": ((5,), jnp.float32)}}}
+  assert np.all(params["params"]["fc"]["bias"] == 0)  # Flax's Dense init: bias 0
+  logits = head.apply(params, features)
+  assert logits.dtype == jnp.float32
+  fc = params["params"]["fc"]
+  np.testing.assert_allclose(logits, np.asarray(features, np.float32) @ fc["kernel"] + fc["bias"],
+                             rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,48 +176,51 @@ def test_wrong_input_channels_is_a_clear_error():
 
 
 # ------------------------------------------------------------------------------------------
-# PyTorch layouts: references, Flax modules and STATE_DICTS.md agree name for name.
+# PyTorch layouts: the peers' state dicts, the references and the Flax modules agree.
 # ------------------------------------------------------------------------------------------
 
+# The peers' own state dicts (mdistiller/RepDistiller models instantiated in PyTorch, 100
+# classes; ImageNet 1000), recorded as (number of entries, `state_dict_digest`): the
+# references in torch_models.py must produce exactly these names and shapes.
+PEER_STATE_DICTS = {
+    "resnet8": (56, "c7e36ff449432b48"), "resnet14": (92, "dc881d5570e2148d"),
+    "resnet20": (128, "649926fcf6240e69"), "resnet32": (200, "eee1916dfc5fb1e3"),
+    "resnet44": (272, "f532b91b42661858"), "resnet56": (344, "2fac08358d132b70"),
+    "resnet110": (668, "c6e9176cff1a7fee"), "resnet8x4": (62, "c7572c24d425e097"),
+    "resnet32x4": (206, "632a5be2e9d2198d"), "wrn_16_1": (82, "c86622e01c0182ef"),
+    "wrn_16_2": (83, "e6a57f3ddf2bbfc4"), "wrn_40_1": (226, "d0752782d5324ce6"),
+    "wrn_40_2": (227, "cf299ba03b832625"), "vgg8": (37, "af0a4ac2401e1baa"),
+    "vgg11": (58, "c01653e99717593a"), "vgg13": (72, "7ff3cbdb2a68220a"),
+    "vgg16": (93, "671ffc473361af0f"), "vgg19": (114, "68d64a6eacb282aa"),
+    "MobileNetV2": (320, "da613af71c09a1df"), "ShuffleV1": (296, "a6a7e5aaad503399"),
+    "ShuffleV2": (338, "453a84f2a0f166f6"), "ResNet18": (122, "f6f82589f76989e6"),
+    "ResNet34": (218, "373af83e7dd653a6"), "ResNet50": (320, "1383964ae529a18c"),
+    "resnet18_imagenet": (122, "867b8d8ae95f5a28"),
+    "resnet34_imagenet": (218, "d6dbfa48843359d6"),
+    "resnet50_imagenet": (320, "2d5b8870b35e1530"),
+    "mobilenetv1_imagenet": (164, "ee294b71f5bb13ce"),
+}
 
-def parse_state_dicts(path: Path) -> dict[str, dict]:
-  """{registry name: {"params": int, "entries": {key: shape}}} from STATE_DICTS.md."""
-  sections, current = {}, None
-  heading = re.compile(r"^### (.+?)\s+\(([\d,]+) trainable parameters, (\d+) state-dict")
-  entry = re.compile(r"^([\w.]+) \(([\d, ]*)\)$")
-  for line in path.read_text().splitlines():
-    if m := heading.match(line):
-      name = _DOC_NAMES.get(m.group(1), m.group(1))
-      current = sections[name] = {"params": int(m.group(2).replace(",", "")),
-                                  "count": int(m.group(3)), "entries": {}}
-    elif current is not None and (m := entry.match(line)):
-      shape = tuple(int(s) for s in m.group(2).replace(" ", "").split(",") if s)
-      current["entries"][m.group(1)] = shape
-  return sections
+
+def state_dict_digest(shapes: dict[str, tuple[int, ...]]) -> str:
+  """sha256 (first 16 hex digits) of the sorted lines "key [d0, d1, ...]"."""
+  text = "\n".join(f"{k} {list(s)}" for k, s in sorted(shapes.items()))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def documented_state_dicts():
-  if not STATE_DICTS.exists():
-    pytest.skip(f"{STATE_DICTS} not present")
-  return parse_state_dicts(STATE_DICTS)
-
-
-def test_state_dicts_doc_covers_every_pytorch_model(documented_state_dicts):
-  assert set(documented_state_dicts) == {n for n in ALL if not n.startswith("quick")}
-  for name, doc in documented_state_dicts.items():
-    assert len(doc["entries"]) == doc["count"], name
-    assert doc["params"] == PARAM_COUNTS[name], name
+def test_peer_state_dicts_cover_every_pytorch_model():
+  assert set(PEER_STATE_DICTS) == {n for n in ALL if not n.startswith("quick")}
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if not n.startswith("quick")])
-def test_layouts_match_state_dicts_doc(name, documented_state_dicts):
-  doc = documented_state_dicts[name]["entries"]
-  reference = torch_models.build(name, num_classes(name)).state_dict()
-  assert {k: tuple(v.shape) for k, v in reference.items()} == doc
+def test_layouts_match_the_peers_state_dicts(name):
+  reference = {k: tuple(v.shape)
+               for k, v in torch_models.build(name, num_classes(name)).state_dict().items()}
+  assert (len(reference), state_dict_digest(reference)) == PEER_STATE_DICTS[name]
   flax_layout = {k: shape for k, (_, _, shape) in
                  torch_import.torch_layout(name, num_classes(name)).items()}
-  assert flax_layout == {k: s for k, s in doc.items() if not k.endswith("num_batches_tracked")}
+  assert flax_layout == {k: s for k, s in reference.items()
+                         if not k.endswith("num_batches_tracked")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,7 +434,7 @@ def test_depthwise_kernel_grad_in_batch_chunks(stride):
   expected = numpy_depthwise_kernel_grad(x_pad, d_out, 3, stride)
   one_example = 7 * 7 * 5 * 4
   for chunk_bytes in (one_example, 2 * one_example, 3 * one_example, 2 ** 21):  # 6, 3, 2, 1 chunks
-    grad = jax.jit(functools.partial(layers.depthwise_kernel_grad, k=3, stride=stride,
+    grad = jax.jit(functools.partial(cpu_conv.depthwise_kernel_grad, k=3, stride=stride,
                                      chunk_bytes=chunk_bytes, shards=1))(x_pad, d_out)
     assert rel_err(grad, expected) < 1e-5, chunk_bytes
 
@@ -428,7 +449,7 @@ def test_depthwise_kernel_grad_keeps_a_sharded_batch_sharded(mesh_size, batch):
   d_out = rng.standard_normal((batch, 4, 4, 3)).astype(np.float32)
   mesh = Mesh(np.array(jax.devices()[:mesh_size]), ("data",))
   args = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x_pad, d_out)]
-  grad_fn = jax.jit(functools.partial(layers.depthwise_kernel_grad, k=3, stride=1,
+  grad_fn = jax.jit(functools.partial(cpu_conv.depthwise_kernel_grad, k=3, stride=1,
                                       chunk_bytes=6 * 6 * 3 * 4))
   assert rel_err(grad_fn(*args), numpy_depthwise_kernel_grad(x_pad, d_out, 3, 1)) < 1e-5
   hlo = grad_fn.lower(*args).compile().as_text()
@@ -478,8 +499,8 @@ def test_depthwise_split_bfloat16_gradients_round_once(k):
 
 def test_depthwise_split_gradients_in_several_batch_chunks(monkeypatch):
   """Through conv2d, with chunks of one example per shard (batch 6: 3 chunks of 2)."""
-  monkeypatch.setattr(layers, "depthwise_kernel_grad",
-                      functools.partial(layers.depthwise_kernel_grad, chunk_bytes=1))
+  monkeypatch.setattr(cpu_conv, "depthwise_kernel_grad",
+                      functools.partial(cpu_conv.depthwise_kernel_grad, chunk_bytes=1))
   rng = np.random.default_rng(4)
   x = rng.standard_normal((6, 8, 7, 5)).astype(np.float32)
   kernel = rng.standard_normal((3, 3, 1, 5)).astype(np.float32)
@@ -503,6 +524,29 @@ def test_depthwise_split_computes_float64_in_float64():
   np.testing.assert_allclose(grad_w, numpy_depthwise_kernel_grad(x_pad, dy, 3, 1), rtol=1e-12)
   np.testing.assert_allclose(grad_x, numpy_depthwise_input_grad(dy, kernel, x.shape, 1, 1),
                              rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, kernel_shape, stride, padding", [
+    ((2, 5, 5, 3), (3, 3, 1, 3), 1, 1),
+    ((2, 6, 6, 2), (3, 3, 1, 2), 2, 1),
+    ((3, 4, 5, 2), (3, 3, 1, 4), 1, 0),  # channel multiplier 2
+])
+def test_depthwise_split_custom_vjp_against_numerical_gradients(shape, kernel_shape, stride,
+                                                                padding):
+  """The custom VJP against finite differences of the conv itself (float64, reverse mode:
+  the custom VJP has no forward mode), with several batch chunks."""
+  rng = np.random.default_rng(6)
+  groups = shape[-1]
+  conv = lambda x, w: layers.conv2d(x, w, stride, padding, groups, lowering="split")
+  with jax.enable_x64(True):
+    x, kernel = jnp.asarray(rng.standard_normal(shape)), jnp.asarray(
+        rng.standard_normal(kernel_shape))
+    jax.test_util.check_grads(conv, (x, kernel), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    chunked = functools.partial(cpu_conv.depthwise_kernel_grad, chunk_bytes=1, shards=1)
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(cpu_conv, "depthwise_kernel_grad", chunked)
+      jax.test_util.check_grads(conv, (x, kernel), order=1, modes=["rev"], atol=1e-6,
+                                rtol=1e-6)
 
 
 def test_grouped_conv_split_keeps_bfloat16():

@@ -1,8 +1,9 @@
 """PyTorch reference models for the parity tests and the benchmark.
 
-Written from the definitions in docs/METHODS.md Part II §6 (not copied from the peers' code);
-their `state_dict()` names and shapes equal those of the peers' models, which
-docs/STATE_DICTS.md lists and `tests/test_models.py` checks. NCHW, as PyTorch.
+Written from the definitions of mdistiller's `mdistiller/models/cifar/` and
+`mdistiller/models/imagenet/` (not copied from the peers' code); their `state_dict()` names and
+shapes equal those of the peers' models (docs/PYTORCH.md#parameter-names), which
+`tests/test_models.py` checks against a record of the peers' state dicts. NCHW, as PyTorch.
 
   model = build("resnet8x4", num_classes=100)   # same names as jaxkd.models.create
   randomize_(model, seed=0)                      # random weights and BN statistics

@@ -7,12 +7,14 @@ and two quick 28x28 grey models, behind one registry.
   logits, features = model.apply(variables, images, return_features=True)  # features [B, D]
   (logits, features), new = model.apply(variables, images, train=True,
                                         return_features=True, mutable=["batch_stats"])
+  shapes = jaxkd.models.abstract_variables("resnet32x4", 100)  # ShapeDtypeStructs, no compute
+  aux = jaxkd.models.AuxHead(100)  # IPWD's auxiliary classifier on `features`
 
 Images are NHWC float32 (already normalised). Parameters and BatchNorm statistics are float32
 whatever the compute `dtype`; logits and the pooled penultimate features are float32. Names
 follow the peers (`resnet8x4`, `wrn_40_2`, `ShuffleV1`, ...) and are looked up
 case-insensitively. PyTorch checkpoints of every model import with
-`jaxkd.models.torch_import.from_state_dict`.
+`jaxkd.models.torch_import.from_state_dict` (docs/PYTORCH.md#converting-a-teacher).
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ import functools
 import operator
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxkd.models import mobilenet, quick, resnet, shufflenet, vgg, wrn
+from jaxkd.models.heads import AuxHead
 
-__all__ = ["ModelSpec", "available", "create", "dataset_family", "feature_dim", "input_shape",
-           "spec"]
+__all__ = ["AuxHead", "ModelSpec", "abstract_variables", "available", "create",
+           "dataset_family", "feature_dim", "input_shape", "spec"]
 
 _INPUT_SHAPES = {"cifar": (32, 32, 3), "imagenet": (224, 224, 3), "quick": (28, 28, 1)}
 
@@ -39,13 +44,13 @@ class ModelSpec:
 
   Attributes:
     name: canonical name (as the peers spell it).
-    build: `(num_classes, dtype) -> nn.Module`.
+    build: `(*, num_classes, dtype) -> nn.Module`, called with keywords.
     dataset_family: "cifar" (32x32x3), "imagenet" (224x224x3) or "quick" (28x28x1).
     feature_dim: D of the pooled penultimate features.
     aliases: other accepted names.
   """
   name: str
-  build: Callable[[int, Any], nn.Module]
+  build: Callable[..., nn.Module]
   dataset_family: str
   feature_dim: int
   aliases: tuple[str, ...] = ()
@@ -60,74 +65,36 @@ def _specs() -> list[ModelSpec]:
   p = functools.partial
   specs = []
   for depth in (8, 14, 20, 32, 44, 56, 110):
-    specs.append(ModelSpec(f"resnet{depth}", p(_cifar_resnet, depth, (16, 16, 32, 64)),
+    specs.append(ModelSpec(f"resnet{depth}", p(resnet.cifar_resnet, depth, (16, 16, 32, 64)),
                            "cifar", 64))
   for depth in (8, 32):
-    specs.append(ModelSpec(f"resnet{depth}x4", p(_cifar_resnet, depth, (32, 64, 128, 256)),
-                           "cifar", 256))
+    specs.append(ModelSpec(f"resnet{depth}x4",
+                           p(resnet.cifar_resnet, depth, (32, 64, 128, 256)), "cifar", 256))
   for depth, k in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    specs.append(ModelSpec(f"wrn_{depth}_{k}", p(_wrn, depth, k), "cifar", 64 * k))
+    specs.append(ModelSpec(f"wrn_{depth}_{k}", p(wrn.WideResNet, depth=depth, widen_factor=k),
+                           "cifar", 64 * k))
   for depth in (8, 11, 13, 16, 19):
-    specs.append(ModelSpec(f"vgg{depth}", p(_vgg, depth), "cifar", 512,
+    specs.append(ModelSpec(f"vgg{depth}", p(vgg.vgg, depth), "cifar", 512,
                            aliases=(f"vgg{depth}_bn",)))
   specs += [
-      ModelSpec("MobileNetV2", _mobilenetv2, "cifar", 1280, aliases=("mobile_half",)),
-      ModelSpec("ShuffleV1", _shufflev1, "cifar", 960),
-      ModelSpec("ShuffleV2", _shufflev2, "cifar", 1024),
-      ModelSpec("ResNet18", p(_resnetv2, 18), "cifar", 512),
-      ModelSpec("ResNet34", p(_resnetv2, 34), "cifar", 512),
-      ModelSpec("ResNet50", p(_resnetv2, 50), "cifar", 2048),
-      ModelSpec("resnet18_imagenet", p(_resnet_imagenet, 18), "imagenet", 512),
-      ModelSpec("resnet34_imagenet", p(_resnet_imagenet, 34), "imagenet", 512),
-      ModelSpec("resnet50_imagenet", p(_resnet_imagenet, 50), "imagenet", 2048),
-      ModelSpec("mobilenetv1_imagenet", _mobilenetv1, "imagenet", 1024,
+      ModelSpec("MobileNetV2", p(mobilenet.MobileNetV2, width_mult=0.5), "cifar", 1280,
+                aliases=("mobile_half",)),
+      ModelSpec("ShuffleV1", shufflenet.ShuffleNetV1, "cifar", 960),
+      ModelSpec("ShuffleV2", shufflenet.ShuffleNetV2, "cifar", 1024),
+      ModelSpec("ResNet18", p(resnet.resnetv2_cifar, 18), "cifar", 512),
+      ModelSpec("ResNet34", p(resnet.resnetv2_cifar, 34), "cifar", 512),
+      ModelSpec("ResNet50", p(resnet.resnetv2_cifar, 50), "cifar", 2048),
+      ModelSpec("resnet18_imagenet", p(resnet.resnet_imagenet, 18), "imagenet", 512),
+      ModelSpec("resnet34_imagenet", p(resnet.resnet_imagenet, 34), "imagenet", 512),
+      ModelSpec("resnet50_imagenet", p(resnet.resnet_imagenet, 50), "imagenet", 2048),
+      ModelSpec("mobilenetv1_imagenet", mobilenet.MobileNetV1, "imagenet", 1024,
                 aliases=("MobileNetV1",)),
-      ModelSpec("quick_teacher", p(_quick, quick.QUICK_TEACHER), "quick",
+      ModelSpec("quick_teacher", p(quick.QuickCNN, blocks=quick.QUICK_TEACHER), "quick",
                 quick.QUICK_TEACHER[-1][-1]),
-      ModelSpec("quick_student", p(_quick, quick.QUICK_STUDENT), "quick",
+      ModelSpec("quick_student", p(quick.QuickCNN, blocks=quick.QUICK_STUDENT), "quick",
                 quick.QUICK_STUDENT[-1][-1]),
   ]
   return specs
-
-
-def _cifar_resnet(depth, widths, num_classes, dtype):
-  return resnet.cifar_resnet(depth, widths, num_classes, dtype)
-
-
-def _resnetv2(depth, num_classes, dtype):
-  return resnet.resnetv2_cifar(depth, num_classes, dtype)
-
-
-def _resnet_imagenet(depth, num_classes, dtype):
-  return resnet.resnet_imagenet(depth, num_classes, dtype)
-
-
-def _wrn(depth, k, num_classes, dtype):
-  return wrn.WideResNet(depth=depth, widen_factor=k, num_classes=num_classes, dtype=dtype)
-
-
-def _vgg(depth, num_classes, dtype):
-  return vgg.vgg(depth, num_classes, dtype)
-
-
-def _mobilenetv2(num_classes, dtype):
-  return mobilenet.MobileNetV2(width_mult=0.5, num_classes=num_classes, dtype=dtype)
-
-
-def _mobilenetv1(num_classes, dtype):
-  return mobilenet.MobileNetV1(num_classes=num_classes, dtype=dtype)
-
-
-def _shufflev1(num_classes, dtype):
-  return shufflenet.ShuffleNetV1(num_classes=num_classes, dtype=dtype)
-
-
-def _shufflev2(num_classes, dtype):
-  return shufflenet.ShuffleNetV2(num_classes=num_classes, dtype=dtype)
-
-
-def _quick(blocks, num_classes, dtype):
-  return quick.QuickCNN(blocks=blocks, num_classes=num_classes, dtype=dtype)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -166,7 +133,7 @@ def create(name: str, num_classes: int, *, dtype: Any = jnp.float32) -> nn.Modul
     num_classes = -1
   if num_classes < 1:
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-  return spec(name).build(num_classes, dtype)
+  return spec(name).build(num_classes=num_classes, dtype=dtype)
 
 
 def dataset_family(name: str) -> str:
@@ -182,3 +149,17 @@ def input_shape(name: str) -> tuple[int, int, int]:
 def feature_dim(name: str) -> int:
   """D of the pooled penultimate features that `return_features=True` gives."""
   return spec(name).feature_dim
+
+
+def abstract_variables(name: str, num_classes: int, *, dtype: Any = jnp.float32) -> dict:
+  """The variables of `create(name, num_classes, dtype=dtype)` as jax.ShapeDtypeStructs.
+
+  {"params": ..., "batch_stats": ...} with every leaf float32 (whatever `dtype`), from
+  `jax.eval_shape` of the module's init on one image of `input_shape(name)`: nothing is
+  computed, so it is cheap even for the ImageNet models.
+  """
+  module = create(name, num_classes, dtype=dtype)
+  images = jax.ShapeDtypeStruct((1, *input_shape(name)), jnp.float32)
+  abstract = jax.eval_shape(
+      lambda x: module.init(jax.random.key(0), x, train=False), images)
+  return flax.core.unfreeze(abstract)

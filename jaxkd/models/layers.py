@@ -17,13 +17,14 @@ BatchNorm statistics, pooled features and logits are float32 whatever `dtype` is
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxkd.models import cpu_conv
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -180,144 +181,32 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
   lowering: how a grouped conv (groups > 1) is computed; ungrouped ones are always one XLA
   convolution.
     "xla": one convolution with feature_group_count (cuDNN's grouped kernels on GPU).
-    "split": a depthwise conv (C_in / groups == 1) as k * k shifted multiply-adds over the
-      channels, which XLA fuses into one elementwise loop; other grouped convs as `groups`
-      ungrouped convolutions, concatenated. XLA:CPU runs grouped convolutions through a slow
-      generic path (MobileNetV2 trains at a tenth of PyTorch's speed with it; see
-      benchmarks/results/models-*.md), and autodiff of the split form is again elementwise
-      ops and ungrouped convolutions.
+    "split": `jaxkd.models.cpu_conv.split_grouped_conv`: a depthwise conv as k * k shifted
+      multiply-adds, other grouped convs as `groups` ungrouped convolutions. XLA:CPU runs
+      grouped convolutions through a slow generic path
+      (docs/ENVIRONMENT.md#grouped-convolutions-on-cpu).
     "auto": "split" on CPU, "xla" elsewhere.
   Both lowerings compute the same sums, values and gradients, up to float rounding order
   (accumulated in float32, or float64 for float64 inputs). The split depthwise conv has a
-  custom reverse-mode gradient (see `depthwise_kernel_grad`), so it does not support
-  forward-mode autodiff (jax.jvp, jacfwd); use lowering="xla" for that.
+  custom reverse-mode gradient, so it does not support forward-mode autodiff (jax.jvp,
+  jacfwd); use lowering="xla" for that.
   """
   if lowering == "auto":
     lowering = "split" if jax.default_backend() == "cpu" else "xla"
   if lowering not in ("xla", "split"):
     raise ValueError(f"lowering must be 'auto', 'xla' or 'split', got {lowering!r}")
-  pad = ((padding, padding), (padding, padding))
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
-                           padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   group_in = kernel.shape[2]
   if x.shape[-1] != group_in * groups or kernel.shape[-1] % groups:
     raise ValueError(
         f"conv2d: input channels {x.shape[-1]} must be groups ({groups}) x the kernel's input "
         f"channels per group ({group_in}), and groups must divide the kernel's output "
         f"channels ({kernel.shape[-1]}): kernel shape is [k, k, C_in / groups, C_out]")
-  if groups == 1 or lowering == "xla":
-    return conv(x, kernel, feature_group_count=groups)
-  if group_in == 1:
-    return _depthwise_conv(x, kernel, stride, padding)
-  xs = jnp.split(x, groups, axis=-1)
-  ks = jnp.split(kernel, groups, axis=-1)
-  return jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, ks)], axis=-1)
-
-
-def _depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-  """conv2d with one input channel per group: out[b, i, j, c] =
-  sum_{u, v} x_pad[b, s*i + u, s*j + v, c // m] * kernel[u, v, 0, c], m = C_out / C_in."""
-  c_in, c_out = x.shape[-1], kernel.shape[-1]
-  if c_out != c_in:  # a channel multiplier m: output channel c reads input channel c // m
-    x = jnp.repeat(x, c_out // c_in, axis=-1)
-  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  return _depthwise_taps(x, kernel, stride)
-
-
-def _windows(x_pad: jax.Array, k: int, stride: int):
-  """Yields (u, v, x_pad[:, u::stride, v::stride][:, :H', :W']) for the k * k kernel taps."""
-  b, h, w, c = x_pad.shape
-  h_out, w_out = (h - k) // stride + 1, (w - k) // stride + 1
-  for u in range(k):
-    for v in range(k):
-      yield u, v, jax.lax.slice(
-          x_pad, (0, u, v, 0),
-          (b, u + stride * (h_out - 1) + 1, v + stride * (w_out - 1) + 1, c),
-          (1, stride, stride, 1))
-
-
-def _sum_of_taps(x_pad: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """x_pad: [B, H, W, C] (already padded), kernel: [k, k, 1, C] -> [B, H', W', C]:
-  sum over the taps of window(u, v) * kernel[u, v, 0], which XLA fuses into one loop."""
-  # Accumulated in float32 (as a bf16 convolution accumulates; XLA fuses the casts).
-  acc = _accumulation_dtype(x_pad.dtype)
-  kernel = kernel.astype(acc)
-  out = sum(window.astype(acc) * kernel[u, v, 0]
-            for u, v, window in _windows(x_pad, kernel.shape[0], stride))
-  return out.astype(x_pad.dtype)
-
-
-def _accumulation_dtype(dtype) -> jnp.dtype:
-  """float32, or float64 for float64 inputs."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-# _sum_of_taps with a cache-friendly kernel gradient.
-_depthwise_taps = jax.custom_vjp(_sum_of_taps, nondiff_argnums=(2,))
-
-
-def _depthwise_taps_fwd(x_pad, kernel, stride):
-  return _depthwise_taps(x_pad, kernel, stride), (x_pad, kernel)
-
-
-def _depthwise_taps_bwd(stride, residuals, d_out):
-  x_pad, kernel = residuals
-  # d x_pad is elementwise again (autodiff of the taps), summed over the taps in float32 and
-  # rounded once; d kernel is not elementwise: see depthwise_kernel_grad.
-  acc = _accumulation_dtype(x_pad.dtype)
-  _, vjp_x = jax.vjp(lambda x: _sum_of_taps(x, kernel, stride), x_pad.astype(acc))
-  (d_x,) = vjp_x(d_out.astype(acc))
-  d_kernel = depthwise_kernel_grad(x_pad, d_out, kernel.shape[0], stride)
-  return d_x.astype(x_pad.dtype), d_kernel.astype(kernel.dtype)
-
-
-_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
-
-
-def depthwise_kernel_grad(x_pad: jax.Array, d_out: jax.Array, k: int, stride: int,
-                          chunk_bytes: int = 2 ** 17, shards: int | None = None) -> jax.Array:
-  """d kernel[u, v, 0, c] = sum_{b, i, j} x_pad[b, s*i + u, s*j + v, c] * d_out[b, i, j, c].
-
-  x_pad: [B, H, W, C], d_out: [B, H', W', C] -> [k, k, 1, C] in float32 (float64 for float64
-  inputs). As k * k separate reductions over the whole batch, each rereads both arrays from
-  memory (3.5x slower on a 2-core CPU at MobileNetV2's sizes); so the batch is taken in chunks
-  that give each of `shards` devices at most `chunk_bytes` of x_pad (or one example), which
-  stay in a core's cache with their d_out for all the taps (128 KiB: MobileNetV2 trains 1.3x
-  faster than unchunked on a 2-core EPYC, whose L2 is 512 KiB a core).
-
-  Chunk j holds examples j, j + n, j + 2n, ... (n chunks) and its size is a multiple of
-  `shards` (default: gcd(B, jax.device_count()), which any mesh of a divisor of the device
-  count that shards B evenly divides), so that a batch sharded in contiguous blocks over the
-  devices stays sharded in every chunk, without gathering; each device sums its part of the
-  chunks, and the devices' partial sums are added once, after the last chunk. The chunk count
-  is the smallest that B's divisors allow: a prime B larger than a chunk is taken one example
-  at a time (correct, slower).
-  """
-  b = x_pad.shape[0]
-  if b == 0:
-    raise ValueError("depthwise_kernel_grad: the batch is empty")
-  shards = math.gcd(b, jax.device_count()) if shards is None else shards
-  if b % shards:  # not evenly sharded over the devices anyway: chunk for one
-    shards = 1
-  example_bytes = x_pad[0].size * x_pad.dtype.itemsize
-  per_shard = max(1, chunk_bytes // example_bytes)  # examples a device takes at a time
-  size = max(d for d in range(shards, b + 1, shards) if b % d == 0 and d <= per_shard * shards)
-  n = b // size
-  acc = _accumulation_dtype(x_pad.dtype)
-
-  def chunk(a, j):  # examples j, j + n, ... of a: [size, ...]
-    return jax.lax.dynamic_index_in_dim(a.reshape(size, n, *a.shape[1:]), j, 1, False)
-
-  def by_shard(a):  # [size, ...] -> [shards, size / shards, ...]
-    return a.reshape(shards, size // shards, *a.shape[1:])
-
-  def chunk_grad(j):  # [k * k, shards, C]: each shard's sum over its examples of chunk j
-    ds = by_shard(chunk(d_out, j)).astype(acc)
-    return jnp.stack([jnp.sum(by_shard(w).astype(acc) * ds, axis=(1, 2, 3))
-                      for _, _, w in _windows(chunk(x_pad, j), k, stride)])
-
-  grad = jax.lax.fori_loop(1, n, lambda j, total: total + chunk_grad(j), chunk_grad(0))
-  return grad.sum(axis=1).reshape(k, k, 1, -1)
+  if groups > 1 and lowering == "split":
+    return cpu_conv.split_grouped_conv(x, kernel, stride, padding, groups)
+  pad = ((padding, padding), (padding, padding))
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=pad,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
 
 
 class Linear(nn.Module):

@@ -1,6 +1,7 @@
 """MobileNets: the CIFAR MobileNetV2 (`mobile_half`) and the ImageNet MobileNetV1.
 
-Definitions: docs/METHODS.md Part II §6.
+Definitions: mdistiller's `mdistiller/models/cifar/mobilenetv2.py` and
+`mdistiller/models/imagenet/mobilenetv1.py`; names: docs/PYTORCH.md#parameter-names.
 
 * MobileNetV2 (RepDistiller/mdistiller): width 0.5, expansion 6, ReLU (not ReLU6), stem
   stride 2, the 1x1 expansion present even for t = 1, a 1x1 head conv to 1280 channels. Init:

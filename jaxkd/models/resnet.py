@@ -3,7 +3,9 @@ family (`ResNet18/34/50`) and the torchvision ImageNet ResNet18/34/50.
 
 All three are one `ResNet` module with different stems, stage layouts and submodule names
 (the names are the PyTorch state-dict names with "." -> "_", so checkpoints import one to
-one; see `jaxkd.models.torch_import`). Definitions: docs/METHODS.md Part II §6.
+one; see `jaxkd.models.torch_import` and docs/PYTORCH.md#parameter-names). Definitions:
+mdistiller's `mdistiller/models/cifar/resnet.py`, `resnetv2.py` and
+`mdistiller/models/imagenet/resnet.py` (torchvision's).
 
 Init (all families): convs Kaiming-normal fan_out (ReLU gain), BatchNorm 1 / 0, the classifier
 PyTorch's default.

@@ -1,7 +1,8 @@
 """ShuffleNets for CIFAR (RepDistiller/mdistiller `ShuffleV1`, `ShuffleV2`).
 
 Both use a 1x1 stem without max-pool (32x32 inputs) and PyTorch's default init.
-Definitions: docs/METHODS.md Part II §6.
+Definitions: mdistiller's `mdistiller/models/cifar/ShuffleNetv1.py` and `ShuffleNetv2.py`;
+names: docs/PYTORCH.md#parameter-names.
 """
 
 from __future__ import annotations

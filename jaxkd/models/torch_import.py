@@ -13,16 +13,21 @@ from the module itself and needs no per-model table:
   BatchNorm scale / bias           <-  weight / bias
   batch_stats mean / var           <-  running_mean / running_var   (num_batches_tracked unused)
 
+A distiller's checkpoint (mdistiller's `latest`, `best`, `epoch_N`) holds the student and the
+teacher in one state dict; `select_part` takes one of them out. A state dict that does not fit
+the model named is compared with every zoo model, and the error names the one it fits
+(docs/PYTORCH.md#parameter-names).
+
 `torch` is imported only by `load_torch_file`; `from_state_dict` also takes numpy arrays.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,21 +62,29 @@ def _from_torch_layout(array: np.ndarray) -> np.ndarray:
   return array
 
 
-def torch_layout(name: str, num_classes: int) -> dict[str, tuple[str, tuple[str, ...],
-                                                                   tuple[int, ...]]]:
+Layout = dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]
+
+
+def torch_layout(name: str, num_classes: int) -> Layout:
   """The state dict model `name` expects: {torch key: (collection, flax path, torch shape)}.
 
-  Shapes come from `jax.eval_shape` of the module's init, so nothing is computed.
+  Shapes come from `jaxkd.models.abstract_variables`, so nothing is computed.
   """
-  module = models.create(name, num_classes)
-  images = jnp.zeros((1, *models.input_shape(name)), jnp.float32)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), images, train=False))
-  layout = {}
+  return dict(_layout(models.spec(name).name, num_classes))
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(name: str, num_classes: int) -> tuple:
+  # Cached: one conversion asks for a model's layout several times (the classifier's key, the
+  # layout itself, the zoo models an unmatched state dict is compared with).
+  abstract = models.abstract_variables(name, num_classes)
+  layout = []
   for collection in ("params", "batch_stats"):
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract[collection]))
+    flat = flax.traverse_util.flatten_dict(abstract[collection])
     for path, leaf in flat.items():
-      layout[_torch_key(collection, path)] = (collection, path, _to_torch_shape(leaf.shape))
-  return layout
+      layout.append((_torch_key(collection, path),
+                     (collection, path, _to_torch_shape(leaf.shape))))
+  return tuple(layout)
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -94,6 +107,91 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
   return state_dict
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+  return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillers' checkpoints: the student and the teacher in one state dict.
+
+DISTILLER_PARTS = ("student", "teacher")
+
+
+def distiller_parts(state_dict: Mapping[str, Any]) -> tuple[str, ...]:
+  """Which of "student" and "teacher" a distiller's state dict holds; () for a model's own.
+
+  mdistiller's whole-run checkpoints (`latest`, `best`, `epoch_N`) hold its distiller's state
+  dict under "model": the student's entries as `module.student.*`, the teacher's as
+  `module.teacher.*` (the distiller runs in nn.DataParallel), and a method's own modules
+  (FitNet's `conv_reg`, CRD's embeddings) under other names
+  (docs/PYTORCH.md#mdistiller-checkpoints).
+  """
+  keys = _strip_prefix(state_dict)
+  return tuple(p for p in DISTILLER_PARTS if any(k.startswith(f"{p}.") for k in keys))
+
+
+def select_part(state_dict: Mapping[str, Any], part: str | None = None) -> dict[str, Any]:
+  """One model's state dict, out of a distiller's (`distiller_parts`) or a model's own.
+
+  Args:
+    state_dict: a model's state dict, or a distiller's; a common "module." prefix is dropped.
+    part: "student" or "teacher": that model of a distiller's state dict, with its prefix
+      stripped; None: `state_dict` is a model's own.
+
+  Raises:
+    ValueError: a distiller's state dict without `part`, or a `part` it does not hold.
+  """
+  state_dict = _strip_prefix(state_dict)
+  parts = distiller_parts(state_dict)
+  if part is None:
+    if parts:
+      raise ValueError(
+          f"the state dict is a distiller's (keys {', '.join(f'{p}.*' for p in parts)}, as in "
+          f"mdistiller's latest / best / epoch_N checkpoints); choose part='student' or "
+          f"part='teacher'")
+    return dict(state_dict)
+  if part not in DISTILLER_PARTS:
+    raise ValueError(f"part must be one of {DISTILLER_PARTS} or None, got {part!r}")
+  if part not in parts:
+    holds = (f"it holds {' and '.join(parts)} only" if parts else
+             "it is a model's own state dict (convert it without a part)")
+    raise ValueError(f"the state dict has no {part} (no keys {part}.* or module.{part}.*): "
+                     f"{holds}")
+  prefix = f"{part}."
+  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def matching_models(state_dict: Mapping[str, Any]) -> list[tuple[str, int]]:
+  """(name, num_classes) of each zoo model whose PyTorch layout is exactly `state_dict`'s.
+
+  Every zoo model has one Linear layer, the classifier [C, D]; only the models with that D
+  as `feature_dim` are compared, from their abstract shapes (nothing is computed).
+  """
+  given = {k: _shape(v) for k, v in _strip_prefix(state_dict).items()
+           if not k.endswith(_IGNORED_SUFFIX)}
+  linear = [shape for shape in given.values() if len(shape) == 2]
+  if len(linear) != 1 or min(linear[0]) < 1:
+    return []
+  num_classes, dim = linear[0]
+  return [(name, num_classes) for name in models.available()
+          if models.feature_dim(name) == dim and given == {
+              k: shape for k, (_, _, shape) in torch_layout(name, num_classes).items()}]
+
+
+def _hint(name: str, state_dict: Mapping[str, Any]) -> list[str]:
+  """Lines that say what an unmatched state dict is, when the zoo knows."""
+  parts = distiller_parts(state_dict)
+  if parts:
+    return [f"hint: this is a distiller's state dict ({' and '.join(parts)}): take one model "
+            f"out of it with select_part(state_dict, {parts[0]!r})"]
+  others = [(n, c) for n, c in matching_models(state_dict) if n != models.spec(name).name]
+  if others:
+    return ["hint: the state dict is a " + " or a ".join(f"{n} (num_classes={c})"
+                                                          for n, c in others)
+            + "; use that model name"]
+  return []
+
+
 def head_key(name: str) -> str:
   """The state-dict key of the classifier weight of model `name` (e.g. "fc.weight")."""
   heads = [k for k, (_, path, shape) in torch_layout(name, 1).items()
@@ -107,8 +205,9 @@ def infer_num_classes(name: str, state_dict: Mapping[str, Any]) -> int:
   state_dict = _strip_prefix(state_dict)
   key = head_key(name)
   if key not in state_dict:
-    raise ValueError(f"cannot infer num_classes for {name!r}: the state dict has no {key!r} "
-                     f"(is it a {models.spec(name).name} checkpoint?)")
+    raise ValueError("\n".join(
+        [f"cannot infer num_classes for {name!r}: the state dict has no {key!r} (is it a "
+         f"{models.spec(name).name} checkpoint?)"] + _hint(name, state_dict)))
   return int(_as_numpy(state_dict[key]).shape[0])
 
 
@@ -151,6 +250,8 @@ def from_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int) 
     if any(m.startswith(f"{head}:") for m in misshaped):
       lines.append(f"hint: {head} has another number of classes; pass num_classes "
                    f"{_as_numpy(given[head]).shape[0]}")
+    else:
+      lines += _hint(name, state_dict)
     raise ValueError("\n".join(lines))
 
   flat = {"params": {}, "batch_stats": {}}
@@ -197,15 +298,19 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
   return dict(obj)
 
 
-def load(name: str, path: str | os.PathLike, num_classes: int | None = None) -> dict:
+def load(name: str, path: str | os.PathLike, num_classes: int | None = None,
+         part: str | None = None) -> dict:
   """Flax variables of model `name` from a PyTorch checkpoint file.
 
-  `num_classes=None` reads it off the checkpoint's classifier.
+  `num_classes=None` reads it off the checkpoint's classifier. `part` ("student" or
+  "teacher") takes that model out of a distiller's checkpoint (see `select_part`).
   """
-  state_dict = load_torch_file(path)
-  if num_classes is None:
-    num_classes = infer_num_classes(name, state_dict)
   try:
+    state_dict = select_part(load_torch_file(path), part)
+    if num_classes is None:
+      num_classes = infer_num_classes(name, state_dict)
     return from_state_dict(name, state_dict, num_classes)
   except ValueError as e:
-    raise ValueError(f"{os.fspath(path)}: {e}") from None
+    message = str(e)
+    raise ValueError(message if os.fspath(path) in message else
+                     f"{os.fspath(path)}: {message}") from None

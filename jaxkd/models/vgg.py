@@ -2,8 +2,8 @@
 
 Five blocks of (conv3x3 with bias, BN, ReLU); max-pool 2x2 after blocks 0, 1, 2 (and after
 block 3 only for 64-pixel inputs, as the reference does); global average pool; one linear
-layer. Definition: docs/METHODS.md Part II §6. Init: convs N(0, sqrt(2 / (9 * out))) with
-bias 0, BN 1 / 0, classifier N(0, 0.01) with bias 0.
+layer. Definition: mdistiller's `mdistiller/models/cifar/vgg.py`. Init: convs
+N(0, sqrt(2 / (9 * out))) with bias 0, BN 1 / 0, classifier N(0, 0.01) with bias 0.
 
 PyTorch names: block b is an `nn.Sequential` whose j-th conv is entry 3j and its BN 3j + 1
 (ReLUs in between hold no parameters), hence `block{b}_{3j}` / `block{b}_{3j+1}` here.

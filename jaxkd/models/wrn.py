@@ -1,8 +1,8 @@
 """Wide ResNets for CIFAR (mdistiller `wrn_16_1`, `wrn_16_2`, `wrn_40_1`, `wrn_40_2`).
 
 Pre-activation blocks; dropout 0 (the reference default), so there is no dropout layer.
-Definition: docs/METHODS.md Part II §6. Init: convs N(0, sqrt(2 / (k * k * out))), BN 1 / 0,
-classifier weight PyTorch's default and bias 0.
+Definition: mdistiller's `mdistiller/models/cifar/wrn.py`. Init: convs
+N(0, sqrt(2 / (k * k * out))), BN 1 / 0, classifier weight PyTorch's default and bias 0.
 """
 
 from __future__ import annotations
