@@ -7,16 +7,16 @@ import shutil
 import numpy as np
 import pytest
 
+import helpers
 import jaxkd.data as jd
 from jaxkd.data import builders
 from jaxkd.data import datasets
-import test_data_support as support
 
 
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("cifar_bad")
-  support.write_cifar100_binary(support.fake_cifar100(n_train=400, n_test=50),
+  helpers.write_cifar100_binary(helpers.fake_cifar100(n_train=400, n_test=50),
                                 str(root / "cifar-100-binary.tar.gz"))
   jd.prepare("cifar100", str(root / "dd"), manual_dir=str(root))
   return str(root / "dd")
@@ -117,7 +117,7 @@ def test_bad_raw_files_are_named(tmp_path):
   with pytest.raises(jd.BadDataError, match=f"IDX file {short} .* truncated"):
     builders.read_idx(str(short))
   archive = tmp_path / "cifar-100-python.tar.gz"
-  support.write_cifar100_python(support.fake_cifar100(10, 10), str(archive))
+  helpers.write_cifar100_python(helpers.fake_cifar100(10, 10), str(archive))
   cut = tmp_path / "cut" / "cifar-100-python.tar.gz"
   cut.parent.mkdir()
   cut.write_bytes(archive.read_bytes()[:2000])

@@ -1,18 +1,26 @@
 """Preparing tfds datasets without TensorFlow: real Fashion-MNIST, CIFAR-100 and ImageNet
-from their raw formats, and the fast, explicit error when a dataset cannot be had."""
+from their raw formats; where `ensure_prepared` gets Fashion-MNIST from on a machine that
+lacks it (Debian's package, apt-get, a download), with apt and the network replaced by
+fakes; and the fast, explicit error when a dataset cannot be had."""
 
+import dataclasses
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import helpers
 import jaxkd.data as jd
 from jaxkd.data import builders
-import test_data_support as support
+from jaxkd.data import datasets
 
 
 def test_no_tensorflow_anywhere():
@@ -27,9 +35,9 @@ def test_no_tensorflow_anywhere():
 
 
 def test_fashion_mnist_from_debian_equals_idx_files():
-  files = support.debian_fashion_files_or_skip()
-  data_dir = support.fashion_data_dir()
-  print(f"fashion_mnist prepared in {support.fashion_build_seconds():.1f} s")
+  data_dir = helpers.fashion_data_dir()  # first: in CI this installs the package
+  files = helpers.debian_fashion_files_or_skip()
+  print(f"fashion_mnist prepared in {helpers.fashion_build_seconds():.1f} s")
   builder = tfds.builder("fashion_mnist", data_dir=data_dir)
   assert builder.is_prepared() and str(builder.version) == "3.0.1"
   assert builder.info.file_format.value == "array_record"
@@ -52,28 +60,200 @@ def test_fashion_mnist_from_debian_equals_idx_files():
 
 
 def test_ensure_prepared_returns_fast_when_present():
-  data_dir = support.fashion_data_dir()
+  data_dir = helpers.fashion_data_dir()
   t = time.perf_counter()
   assert jd.ensure_prepared("fashion_mnist", data_dir) == os.path.abspath(data_dir)
   assert time.perf_counter() - t < 2.0
 
 
+def _multiset(images, labels):
+  """(image bytes, label) pairs, sorted: tfds shuffles at write time, and fashion_mnist has
+  no id feature."""
+  return sorted(zip(map(bytes, np.asarray(images)), np.asarray(labels).tolist()))
+
+
+def _assert_holds(data_dir, arrays):
+  for split in ("train", "test"):
+    got = jd.load_arrays("fashion_mnist", split, data_dir)
+    assert _multiset(got["image"][..., 0], got["label"]) == \
+        _multiset(arrays[f"{split}_images"], arrays[f"{split}_labels"])
+
+
 def test_fashion_mnist_from_manual_dir_idx(tmp_path):
   # --manual_dir with (uncompressed) IDX files; a small slice keeps this test quick.
-  rng = np.random.default_rng(0)
-  manual = tmp_path / "manual"
-  manual.mkdir()
-  data = {}
-  for key, stem in builders._IDX_FILES.items():  # pylint: disable=protected-access
-    n = 40 if key.startswith("train") else 10
-    arr = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) if key.endswith("images")
-           else rng.integers(0, 10, n).astype(np.uint8))
-    header = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
-    (manual / stem).write_bytes(header + arr.tobytes())
-    data[key] = arr
-  jd.prepare("fashion_mnist", str(tmp_path / "dd"), manual_dir=str(manual))
-  got = jd.load_arrays("fashion_mnist", "test", str(tmp_path / "dd"))
-  assert sorted(map(bytes, got["image"][..., 0])) == sorted(map(bytes, data["test_images"]))
+  arrays = helpers.write_fashion_idx(str(tmp_path / "manual"), n_train=40, n_test=10,
+                                     gz=False)
+  jd.prepare("fashion_mnist", str(tmp_path / "dd"), manual_dir=str(tmp_path / "manual"))
+  _assert_holds(str(tmp_path / "dd"), arrays)
+
+
+def test_small_fashion_data_dir_is_learnable_tfds_data():
+  data_dir = helpers.small_fashion_data_dir()
+  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+  assert str(builder.version) == "3.0.1" and builder.info.file_format.value == "array_record"
+  train = jd.load_arrays("fashion_mnist", "train", data_dir)
+  test = jd.load_arrays("fashion_mnist", "test", data_dir)
+  assert train["image"].shape == (1000, 28, 28, 1) and test["image"].shape == (500, 28, 28, 1)
+  assert np.bincount(train["label"], minlength=10).min() > 50
+  # The class signal: nearest class mean (from train) classifies the test split.
+  x = lambda a: a["image"].reshape(len(a["label"]), -1).astype(np.float32)
+  means = np.stack([x(train)[train["label"] == c].mean(0) for c in range(10)])
+  pred = ((x(test)[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+  assert (pred == test["label"]).mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# ensure_prepared on a machine without Fashion-MNIST: apt, dpkg and the network are fakes.
+# ------------------------------------------------------------------------------------------
+
+APT_INSTALL = ["install", "-y", "-qq", "dataset-fashion-mnist"]
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path):
+  """A fake machine: which commands exist, root or not, online or not. apt-get calls are
+  recorded; `apt-get install` "installs" generated IDX files into a temp dir, which the
+  Debian-file lookup then finds. Nothing real is installed, run or downloaded."""
+  m = types.SimpleNamespace(apt=True, sudo=False, root=True, sudo_ok=True, online=False,
+                            lists_empty=False, install_error=None, calls=[],
+                            pkg=str(tmp_path / "usr_share_dataset_fashion_mnist"),
+                            arrays=None)
+
+  def run(argv, timeout):
+    del timeout
+    m.calls.append(list(argv))
+    ok = subprocess.CompletedProcess(argv, 0, "", "")
+    if argv == ["sudo", "-n", "true"]:
+      return ok if m.sudo_ok else subprocess.CompletedProcess(argv, 1, "", "password needed")
+    if "update" in argv:
+      m.lists_empty = False
+      return ok
+    if m.lists_empty:
+      return subprocess.CompletedProcess(
+          argv, 100, "", "E: Unable to locate package dataset-fashion-mnist")
+    if m.install_error:
+      return subprocess.CompletedProcess(argv, 100, "", m.install_error)
+    m.arrays = helpers.write_fashion_idx(m.pkg, n_train=60, n_test=20, seed=3)
+    return ok
+
+  monkeypatch.setattr(builders, "_run", run)
+  monkeypatch.setattr(builders, "debian_fashion_mnist_files",
+                      lambda: builders.find_idx_files(m.pkg) if os.path.isdir(m.pkg) else None)
+  monkeypatch.setattr(builders, "online", lambda url, timeout=3.0: m.online)
+  real_which = builders.shutil.which
+  monkeypatch.setattr(builders.shutil, "which", lambda cmd: (
+      f"/usr/bin/{cmd}" if {"apt-get": m.apt, "sudo": m.sudo}.get(cmd) else
+      None if cmd in ("apt-get", "sudo") else real_which(cmd)))
+  monkeypatch.setattr(builders.os, "geteuid", lambda: 0 if m.root else 1000)
+  monkeypatch.delenv(builders.NO_APT_ENV, raising=False)
+  return m
+
+
+@pytest.mark.parametrize("case", ["root", "empty_lists", "sudo"])
+def test_apt_installs_the_package_then_builds_from_its_files(machine, tmp_path, capsys, case):
+  prefix = ["apt-get"]
+  if case == "empty_lists":
+    machine.lists_empty = True
+  if case == "sudo":
+    machine.root, machine.sudo = False, True
+    prefix = ["sudo", "-n", "apt-get"]
+  data_dir = str(tmp_path / "dd")
+  assert jd.ensure_prepared("fashion_mnist", data_dir) == data_dir
+  expected = {"root": [prefix + APT_INSTALL],
+              "empty_lists": [prefix + APT_INSTALL, prefix + ["update", "-qq"],
+                              prefix + APT_INSTALL],
+              "sudo": [["sudo", "-n", "true"], prefix + APT_INSTALL]}[case]
+  assert machine.calls == expected
+  err = capsys.readouterr().err
+  assert err.count("installing its Debian package") == 1 and "JAXKD_NO_APT=1" in err
+  _assert_holds(data_dir, machine.arrays)  # built from what apt "installed"
+  machine.calls.clear()
+  assert jd.ensure_prepared("fashion_mnist", data_dir) == data_dir and not machine.calls
+
+
+@pytest.mark.parametrize("case", ["no_apt", "not_root", "opted_out", "apt_fails"])
+def test_offline_without_the_package_fails_within_seconds(machine, tmp_path, monkeypatch,
+                                                          case):
+  apt_cmd = "apt-get install -y dataset-fashion-mnist"
+  why = {"no_apt": "apt-get is not on this machine",
+         "not_root": "installing it needs root",
+         "opted_out": "JAXKD_NO_APT is set",
+         "apt_fails": "Could not get lock"}[case]
+  if case == "no_apt":
+    machine.apt = False
+  elif case == "not_root":
+    machine.root, machine.sudo, machine.sudo_ok = False, True, False
+    apt_cmd = "sudo " + apt_cmd
+  elif case == "opted_out":
+    monkeypatch.setenv("JAXKD_NO_APT", "1")
+  else:
+    machine.install_error = "E: Could not get lock /var/lib/dpkg/lock-frontend"
+  data_dir = str(tmp_path / "dd")
+  t = time.perf_counter()
+  with pytest.raises(jd.DatasetNotFoundError) as err:
+    jd.ensure_prepared("fashion_mnist", data_dir)
+  assert time.perf_counter() - t < 10.0
+  msg = str(err.value)
+  assert why in msg and "cannot be reached to download it" in msg
+  assert f"python -m jaxkd.data.prepare fashion_mnist --data_dir {data_dir} " \
+         "--manual_dir DIR" in msg
+  assert (apt_cmd in msg) == (case != "no_apt"), msg
+  installs = [c for c in machine.calls if c[-1] == "dataset-fashion-mnist"]
+  assert len(installs) == (1 if case == "apt_fails" else 0)
+  assert not jd.is_prepared("fashion_mnist", data_dir)
+
+
+def test_mocked_dataset_needs_no_install(machine, tmp_path):
+  with tfds.testing.mock_data(num_examples=8):
+    assert jd.ensure_prepared("fashion_mnist", str(tmp_path)) == str(tmp_path)
+  assert not machine.calls
+
+
+@pytest.fixture
+def fashion_server(tmp_path):
+  """An HTTP server on localhost serving generated Fashion-MNIST .gz files, as the release
+  names them."""
+  root = tmp_path / "www"
+  arrays = helpers.write_fashion_idx(str(root), n_train=50, n_test=20, seed=5)
+
+  class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                           functools.partial(Quiet, directory=str(root)))
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{server.server_address[1]}/", arrays
+  server.shutdown()
+  server.server_close()
+
+
+def test_online_without_the_package_downloads_through_tfds(machine, fashion_server,
+                                                           tmp_path, monkeypatch, capsys):
+  # apt is off, the Debian files absent; the download URL points at the local server, so
+  # the real probe and tfds's real download manager (requests over HTTP) do the work.
+  url, arrays = fashion_server
+  monkeypatch.setenv("JAXKD_NO_APT", "1")
+  monkeypatch.setattr(builders, "online", _REAL_ONLINE)
+  monkeypatch.setitem(datasets.SPECS, "fashion_mnist",
+                      dataclasses.replace(datasets.SPECS["fashion_mnist"], download_url=url))
+  data_dir = str(tmp_path / "dd")
+  assert jd.ensure_prepared("fashion_mnist", data_dir) == data_dir
+  assert "downloading it (30 MB) from 127.0.0.1 with tfds" in capsys.readouterr().err
+  _assert_holds(data_dir, arrays)
+  downloaded = [f for _, _, fs in os.walk(os.path.join(data_dir, "downloads")) for f in fs]
+  assert sum(f.endswith(".gz") for f in downloaded) == 4, downloaded
+  assert not machine.calls
+
+
+def test_fashion_mnist_url_is_tfds_own():
+  # The spec's URL (what the probe and the download use) is the one tfds registers
+  # checksums for, so a real download is verified.
+  assert jd.spec("fashion_mnist").download_url == tfds.image_classification.FashionMNIST.URL
+
+
+_REAL_ONLINE = builders.online
 
 
 # ------------------------------------------------------------------------------------------
@@ -83,10 +263,10 @@ def test_fashion_mnist_from_manual_dir_idx(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["python", "binary"])
 def test_cifar100_from_archive(tmp_path, fmt):
-  data = support.fake_cifar100(n_train=120, n_test=40)
+  data = helpers.fake_cifar100(n_train=120, n_test=40)
   manual = tmp_path / "manual"
   manual.mkdir()
-  write = support.write_cifar100_python if fmt == "python" else support.write_cifar100_binary
+  write = helpers.write_cifar100_python if fmt == "python" else helpers.write_cifar100_binary
   write(data, str(manual / f"cifar-100-{fmt}.tar.gz"))
   data_dir = str(tmp_path / "dd")
   folder = jd.prepare("cifar100", data_dir, manual_dir=str(manual))
@@ -106,8 +286,8 @@ def test_cifar100_from_archive(tmp_path, fmt):
 
 
 def test_cli_prepares_cifar100(tmp_path):
-  data = support.fake_cifar100(n_train=20, n_test=10)
-  support.write_cifar100_binary(data, str(tmp_path / "cifar-100-binary.tar.gz"))
+  data = helpers.fake_cifar100(n_train=20, n_test=10)
+  helpers.write_cifar100_binary(data, str(tmp_path / "cifar-100-binary.tar.gz"))
   out = subprocess.run(
       [sys.executable, "-m", "jaxkd.data.prepare", "cifar100", "--data_dir",
        str(tmp_path / "dd"), "--manual_dir", str(tmp_path)],
@@ -123,7 +303,7 @@ def test_cli_prepares_cifar100(tmp_path):
 
 
 def test_imagenet2012_from_tars(tmp_path):
-  sizes = support.write_imagenet_tars(str(tmp_path / "manual"))
+  sizes = helpers.write_imagenet_tars(str(tmp_path / "manual"))
   data_dir = str(tmp_path / "dd")
   jd.prepare("imagenet2012", data_dir, manual_dir=str(tmp_path / "manual"))
   builder = tfds.builder("imagenet2012", data_dir=data_dir)

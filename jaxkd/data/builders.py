@@ -6,9 +6,16 @@ the raw files, which tfds does with `tf.io.gfile` / TensorFlow ops: here plain P
 (gzip, tarfile, numpy, a restricted unpickler, PIL). What gets written is exactly what
 `tfds.data_source(name, data_dir=...)` reads with tfds's registered builder.
 
-Sources, in order: `manual_dir` (files the user has); for Fashion-MNIST, the files of
-Debian's `dataset-fashion-mnist` package; then tfds's download, only after a short probe
-finds the download host reachable (offline, tfds would retry DNS for minutes).
+Where the raw files come from (docs/ENVIRONMENT.md#getting-the-datasets):
+- `prepare` (and `python -m jaxkd.data.prepare`): `manual_dir` (files the user has); for
+  Fashion-MNIST without one, the files of Debian's `dataset-fashion-mnist` package; then
+  tfds's download manager, only after a short probe finds the download host reachable
+  (offline, tfds would retry DNS for minutes).
+- `ensure_prepared` (what the trainer calls), for Fashion-MNIST: the Debian files; if the
+  package is missing, `apt-get install`s it when apt-get is there and we are root or have
+  passwordless sudo (`JAXKD_NO_APT=1` turns this off); else the download; else an error
+  within seconds naming the command that fixes it. Other datasets are never fetched
+  behind the user's back: it names the `prepare` command instead.
 """
 
 import gzip
@@ -18,6 +25,7 @@ import pickle
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import threading
 import urllib.parse
@@ -75,6 +83,57 @@ def debian_fashion_mnist_files() -> dict[str, str] | None:
   if not all(files.values()) or not all(os.path.exists(p) for p in files.values()):
     return None
   return files
+
+
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+NO_APT_ENV = "JAXKD_NO_APT"  # set (not "0" or empty): never install the package by itself
+
+
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+  """Runs apt-get / sudo (the one door to the system, which tests replace)."""
+  env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+  return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                        env=env)
+
+
+def apt_prefix() -> tuple[list[str] | None, str]:
+  """The argv that runs apt-get as root here (`apt-get` or `sudo -n apt-get`), else
+  (None, why not)."""
+  if os.environ.get(NO_APT_ENV, "") not in ("", "0"):
+    return None, f"{NO_APT_ENV} is set"
+  if shutil.which("apt-get") is None:
+    return None, "apt-get is not on this machine"
+  if os.geteuid() == 0:
+    return ["apt-get"], ""
+  if shutil.which("sudo"):
+    try:
+      if _run(["sudo", "-n", "true"], 10).returncode == 0:
+        return ["sudo", "-n", "apt-get"], ""
+    except (OSError, subprocess.SubprocessError):
+      pass
+  return None, "installing it needs root, and `sudo -n` is not allowed without a password"
+
+
+def install_debian_fashion_mnist() -> str:
+  """Installs Debian's `dataset-fashion-mnist` with apt-get; returns "" or why not."""
+  prefix, why = apt_prefix()
+  if prefix is None:
+    return why
+  install = prefix + ["install", "-y", "-qq", DEBIAN_PACKAGE]
+  print(f"jaxkd: Fashion-MNIST is not prepared; installing its Debian package (30 MB): "
+        f"{' '.join(install)}   ({NO_APT_ENV}=1 turns this off)", file=sys.stderr, flush=True)
+  try:
+    out = _run(install, 600)
+    if out.returncode != 0 and "Unable to locate package" in out.stdout + out.stderr:
+      # Empty or stale package lists (fresh containers ship none): fetch them once.
+      _run(prefix + ["update", "-qq"], 300)
+      out = _run(install, 600)
+  except (OSError, subprocess.SubprocessError) as e:
+    return f"`{' '.join(install)}` failed: {e}"
+  if out.returncode != 0:
+    lines = (out.stderr.strip() or out.stdout.strip()).splitlines()
+    return f"`{' '.join(install)}` failed: {lines[-1] if lines else out.returncode}"
+  return ""
 
 
 def find_idx_files(directory: str) -> dict[str, str] | None:
@@ -238,7 +297,7 @@ def _builder_classes():
 
     def _split_generators(self, dl_manager):
       files = self.idx_files
-      if files is None:  # tfds downloads the .gz files; reading them needs no extraction
+      if files is None:  # tfds downloads the .gz files (from `URL`); no extraction needed
         files = dl_manager.download({k: self.URL + v + ".gz" for k, v in _IDX_FILES.items()})
         files = {k: os.fspath(v) for k, v in files.items()}
       return {"train": self._examples(files["train_images"], files["train_labels"]),
@@ -368,6 +427,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
       local = debian_fashion_mnist_files()
       looked.append("Debian package dataset-fashion-mnist (dpkg -L)")
     builder.idx_files = local
+    builder.URL = ds_spec.download_url  # tfds's own URL; the spec is the one place it is set
   elif name == "cifar100":
     if manual_dir:
       local = find_cifar100_archive(manual_dir)
@@ -408,10 +468,17 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 def ensure_prepared(name: str, data_dir: str | None = None) -> str:
   """Returns the data dir once `name` can be read from it, else raises within seconds.
 
-  Present (or mocked by `tfds.testing.mock_data`): returns at once. Fashion-MNIST that is
-  absent but available from Debian's `dataset-fashion-mnist` package: prepared now (~10 s).
-  Anything else: `DatasetNotFoundError` with the command that prepares it; nothing is
-  downloaded behind the user's back.
+  Prepared (or mocked by `tfds.testing.mock_data`): returns at once. Fashion-MNIST that is
+  not (docs/ENVIRONMENT.md#getting-the-datasets), in this order:
+    1. built from the files of Debian's `dataset-fashion-mnist` (~15 s);
+    2. without them, that package is installed first with
+       `apt-get install -y -qq dataset-fashion-mnist` (after `apt-get update` if apt does
+       not know the package) when apt-get is there and we are root or `sudo -n` works,
+       saying so on stderr; `JAXKD_NO_APT=1` turns this off;
+    3. else downloaded through tfds's download manager when the download host answers;
+    4. else `DatasetNotFoundError` naming the commands that fix it.
+  Other datasets: `DatasetNotFoundError` with the `prepare` command; nothing is installed
+  or downloaded for them here.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   ds_spec = datasets.spec(name)
@@ -419,12 +486,28 @@ def ensure_prepared(name: str, data_dir: str | None = None) -> str:
   if is_prepared(name, data_dir):
     datasets.open_source(name, ds_spec.train_split, data_dir)  # checks the file format
     return data_dir
-  if name == "fashion_mnist" and debian_fashion_mnist_files():
-    prepare(name, data_dir, download=False)
-    return data_dir
   try:  # mock_data serves any name without files on disk
     tfds.data_source(name, split=ds_spec.train_split, data_dir=data_dir, download=False)
     return data_dir
   except Exception:  # pylint: disable=broad-except
     pass
-  raise datasets.DatasetNotFoundError(datasets.not_prepared_message(name, data_dir))
+  if name != "fashion_mnist":
+    raise datasets.DatasetNotFoundError(datasets.not_prepared_message(name, data_dir))
+  reasons = []
+  if debian_fashion_mnist_files() is None:
+    why = install_debian_fashion_mnist()
+    if why:
+      reasons.append(f"Debian's {DEBIAN_PACKAGE} is not installed, and jaxkd did not "
+                     f"install it: {why}.")
+  if debian_fashion_mnist_files() is not None:
+    prepare(name, data_dir, download=False)
+    return data_dir
+  host = urllib.parse.urlparse(ds_spec.download_url).hostname
+  if online(ds_spec.download_url):
+    print(f"jaxkd: Fashion-MNIST is not prepared; downloading it (30 MB) from {host} "
+          "with tfds", file=sys.stderr, flush=True)
+    prepare(name, data_dir, download=True)
+    return data_dir
+  reasons.append(f"{host} cannot be reached to download it.")
+  raise datasets.DatasetNotFoundError(
+      datasets.not_prepared_message(name, data_dir, " ".join(reasons)))

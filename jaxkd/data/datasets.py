@@ -10,6 +10,7 @@ say what is wrong and what to run (`open_source`), and reads small splits into u
 import dataclasses
 import os
 import re
+import shutil
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,8 +69,8 @@ class DatasetSpec:
   manual_files: str = ""
 
 
-# Normalisation constants: METHODS.md Part II §5.3 (CIFAR-100: mdistiller's; ImageNet: the
-# torchvision ones); Fashion-MNIST: mean and std of the 60k training pixels.
+# Normalisation constants: CIFAR-100, mdistiller's; ImageNet, torchvision's; Fashion-MNIST,
+# the mean and std of the 60k training pixels.
 SPECS = {
     "cifar100": DatasetSpec(
         name="cifar100", num_classes=100, image_shape=(32, 32, 3),
@@ -125,18 +126,30 @@ def prepare_command(name: str, data_dir: str, manual_dir: str | None = None) -> 
   return cmd
 
 
+def fix_commands(name: str, data_dir: str) -> list[str]:
+  """The command lines, one of which prepares `name` into `data_dir` on this machine."""
+  if name != "fashion_mnist":
+    return [prepare_command(name, data_dir)]
+  cmds = []
+  if shutil.which("apt-get"):  # Debian/Ubuntu
+    sudo = "" if os.geteuid() == 0 else "sudo "
+    cmds.append(f"{sudo}apt-get install -y dataset-fashion-mnist   "
+                "# then jaxkd prepares it on first use")
+  cmds.append(prepare_command(name, data_dir, manual_dir="DIR"))
+  return cmds
+
+
 def not_prepared_message(name: str, data_dir: str, reason: str = "") -> str:
   s = SPECS[name]
   lines = [f"Dataset {name!r} is not prepared in {data_dir} (looked for "
            f"{os.path.join(data_dir, name, '<version>', 'dataset_info.json')})."]
   if reason:
     lines.append(reason)
-  lines.append(f"Prepare it with:\n  {prepare_command(name, data_dir)}")
+  cmds = fix_commands(name, data_dir)
+  lines.append(f"Prepare it with{' one of' if len(cmds) > 1 else ''}:\n  " + "\n  ".join(cmds))
   if s.manual_files:
-    lines.append(f"--manual_dir DIR: a folder with the files you have, {s.manual_files}.")
-  if name == "fashion_mnist":
-    lines.append("On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` provides the "
-                 "files, and jaxkd then prepares the dataset on first use.")
+    where = f" (from {s.download_url})" if s.download_url else ""
+    lines.append(f"--manual_dir DIR: a folder with the files you have, {s.manual_files}{where}.")
   return "\n".join(lines)
 
 

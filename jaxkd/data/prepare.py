@@ -1,12 +1,15 @@
 """Command line: prepare a tfds dataset as array_record, without TensorFlow.
 
     python -m jaxkd.data.prepare cifar100 --data_dir DIR [--manual_dir DIR]
-    python -m jaxkd.data.prepare fashion_mnist            # Debian files, or download
+    python -m jaxkd.data.prepare fashion_mnist            # Debian's files, or download
     python -m jaxkd.data.prepare imagenet2012 --manual_dir DIR_WITH_ILSVRC2012_TARS
 
-`--manual_dir` holds files you already have (see `jaxkd.data.prepare`'s docstring, the
-function, for what each dataset needs); without it, tfds downloads (when it can reach the
-download host; offline the command fails within seconds and says what it looked for).
+`--manual_dir` holds files you already have (the `prepare` function's docstring says what
+each dataset needs). Without it, Fashion-MNIST is built from the files of Debian's
+`dataset-fashion-mnist` when that package is installed (this command never installs it;
+the trainer's `ensure_prepared` does); otherwise tfds downloads, when the download host
+answers. Offline, the command fails within seconds, saying what it looked for and what to
+run. See docs/ENVIRONMENT.md#getting-the-datasets.
 """
 
 import argparse

@@ -1,0 +1,235 @@
+"""Shared helpers of the tests (not a test module): generated raw archives in the official
+formats, a small generated Fashion-MNIST, and the real one.
+
+Trainer tests use `small_fashion_data_dir()` by default, so they never skip. The real
+Fashion-MNIST (`fashion_data_dir()`) is prepared the way the quickstart prepares it; in CI
+(`CI=true`) it must be there, so a missing dataset fails instead of skipping. Each is built
+once per test session, whichever module asks first.
+"""
+
+import atexit
+import functools
+import gzip
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from jaxkd.data import builders
+from jaxkd.data import datasets
+
+
+def in_ci() -> bool:
+  return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _session_dir(prefix: str) -> str:
+  path = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, path, True)
+  return path
+
+
+# ------------------------------------------------------------------------------------------
+# The real Fashion-MNIST.
+# ------------------------------------------------------------------------------------------
+
+
+_REAL_FASHION = {}  # the session's one outcome: (data_dir, seconds) or the failure
+
+
+def _real_fashion() -> tuple[str, float]:
+  """Prepared once, as `python -m jaxkd.main` would: from Debian's files; in CI also by
+  installing the package or downloading (`ensure_prepared`), so CI checks that path too."""
+  if not in_ci() and builders.debian_fashion_mnist_files() is None:
+    pytest.skip("Debian package dataset-fashion-mnist is not installed (apt-get install -y "
+                "dataset-fashion-mnist); the real Fashion-MNIST tests need its files. "
+                "With CI=true, these tests install it or fail.")
+  if not _REAL_FASHION:
+    data_dir = _session_dir("jaxkd-fashion-")
+    t = time.perf_counter()
+    try:
+      builders.ensure_prepared("fashion_mnist", data_dir)
+      _REAL_FASHION["ok"] = (data_dir, time.perf_counter() - t)
+    except datasets.DatasetNotFoundError as e:
+      _REAL_FASHION["error"] = str(e)
+  if "error" in _REAL_FASHION:
+    pytest.fail("The real Fashion-MNIST is required (CI=true) and could not be prepared: "
+                + _REAL_FASHION["error"], pytrace=False)
+  return _REAL_FASHION["ok"]
+
+
+def fashion_data_dir() -> str:
+  """A data dir holding the real tfds fashion_mnist (60k / 10k)."""
+  return _real_fashion()[0]
+
+
+def fashion_build_seconds() -> float:
+  return _real_fashion()[1]
+
+
+def debian_fashion_files_or_skip() -> dict[str, str]:
+  """The Debian package's IDX files; skip without them, except in CI, where they must be."""
+  files = builders.debian_fashion_mnist_files()
+  if files is None:
+    msg = ("Debian package dataset-fashion-mnist is not installed (apt-get install -y "
+           "dataset-fashion-mnist); the real Fashion-MNIST tests need its files.")
+    if in_ci():
+      pytest.fail("CI=true: " + msg)
+    pytest.skip(msg)
+  return files
+
+
+# ------------------------------------------------------------------------------------------
+# A small generated Fashion-MNIST, in the real on-disk format.
+# ------------------------------------------------------------------------------------------
+
+
+def fashion_like_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`n` 28x28 uint8 images with a learnable class signal, and their labels (10 classes).
+
+  Class c is a bright 8x8 square centred on cell c of a 4x3 grid (the last two cells stay
+  empty), jittered by up to 2 pixels, over noise in [0, 90): a small CNN learns it within
+  an epoch, and nothing else about the images is informative.
+  """
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, n).astype(np.uint8)
+  images = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
+  rows, cols = labels // 3, labels % 3
+  dy, dx = rng.integers(-2, 3, (2, n))
+  for i in range(n):
+    y, x = 3 + 6 * rows[i] + dy[i], 4 + 8 * cols[i] + dx[i]
+    y, x = int(np.clip(y, 0, 20)), int(np.clip(x, 0, 20))
+    images[i, y:y + 8, x:x + 8] = rng.integers(180, 256, (8, 8))
+  return images, labels
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+  """`arr` (uint8) as an IDX file: magic 0 0 8 ndim, big-endian uint32 dims, data."""
+  arr = np.ascontiguousarray(arr, np.uint8)
+  return bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes() + arr.tobytes()
+
+
+def write_fashion_idx(directory: str, n_train: int = 1000, n_test: int = 500, seed: int = 0,
+                      gz: bool = True) -> dict[str, np.ndarray]:
+  """Writes the four Fashion-MNIST IDX files (named as the release names them) of
+  `fashion_like_arrays` into `directory`; returns the arrays by `builders._IDX_FILES` key."""
+  os.makedirs(directory, exist_ok=True)
+  x_train, y_train = fashion_like_arrays(n_train, seed)
+  x_test, y_test = fashion_like_arrays(n_test, seed + 1)
+  arrays = {"train_images": x_train, "train_labels": y_train,
+            "test_images": x_test, "test_labels": y_test}
+  for key, stem in builders._IDX_FILES.items():  # pylint: disable=protected-access
+    data = idx_bytes(arrays[key])
+    with open(os.path.join(directory, stem + (".gz" if gz else "")), "wb") as f:
+      f.write(gzip.compress(data, mtime=0) if gz else data)
+  return arrays
+
+
+@functools.lru_cache(maxsize=None)
+def small_fashion_data_dir() -> str:
+  """A data dir holding a tfds fashion_mnist of 1,000 train / 500 test generated images.
+
+  Written by jaxkd's own builder from IDX files in a manual dir, so it is the real on-disk
+  format (array_record, version 3.0.1, the real features) that `ensure_prepared` and the
+  trainer read; only the images are `fashion_like_arrays`.
+  """
+  root = _session_dir("jaxkd-small-fashion-")
+  write_fashion_idx(os.path.join(root, "manual"))
+  data_dir = os.path.join(root, "data")
+  builders.prepare("fashion_mnist", data_dir, manual_dir=os.path.join(root, "manual"))
+  return data_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Generated raw files in the official formats.
+# ------------------------------------------------------------------------------------------
+
+
+def fake_cifar100(n_train: int = 300, n_test: int = 100, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  out = {}
+  for split, n in (("train", n_train), ("test", n_test)):
+    out[split] = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                  rng.integers(0, 100, n), rng.integers(0, 20, n))
+  return out
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_cifar100_python(data: dict, path: str) -> str:
+  """`cifar-100-python.tar.gz`: pickled dicts with b'data' (N, 3072) in CHW order."""
+  with tarfile.open(path, "w:gz") as tar:
+    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    _tar_add(tar, "cifar-100-python/meta", pickle.dumps(meta, protocol=3))
+    for split in ("train", "test"):
+      images, fine, coarse = data[split]
+      batch = {b"data": images.transpose(0, 3, 1, 2).reshape(len(fine), -1),
+               b"fine_labels": [int(x) for x in fine],
+               b"coarse_labels": [int(x) for x in coarse]}
+      _tar_add(tar, f"cifar-100-python/{split}", pickle.dumps(batch, protocol=3))
+  return path
+
+
+def write_cifar100_binary(data: dict, path: str) -> str:
+  """`cifar-100-binary.tar.gz`: records <coarse byte><fine byte><3072 bytes CHW>."""
+  with tarfile.open(path, "w:gz") as tar:
+    _tar_add(tar, "cifar-100-binary/fine_label_names.txt",
+             "\n".join(f"fine{i}" for i in range(100)).encode())
+    _tar_add(tar, "cifar-100-binary/coarse_label_names.txt",
+             "\n".join(f"coarse{i}" for i in range(20)).encode())
+    for split in ("train", "test"):
+      images, fine, coarse = data[split]
+      rec = np.concatenate([coarse[:, None].astype(np.uint8), fine[:, None].astype(np.uint8),
+                            images.transpose(0, 3, 1, 2).reshape(len(fine), -1)], axis=1)
+      _tar_add(tar, f"cifar-100-binary/{split}.bin", rec.tobytes())
+  return path
+
+
+def jpeg_bytes(rng: np.random.Generator, height: int, width: int, mode: str = "RGB") -> bytes:
+  arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  PIL.Image.fromarray(arr).convert(mode).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+IMAGENET_SYNSETS = ("n01440764", "n01443537", "n01739381")  # labels 0, 1, 59
+
+
+def write_imagenet_tars(manual_dir: str, per_class: int = 4, n_val: int = 8,
+                        seed: int = 0) -> dict:
+  """ILSVRC2012_img_train.tar (one tar per synset) and ILSVRC2012_img_val.tar (flat).
+
+  Includes one of the CMYK JPEGs tfds converts (n01739381_1309.JPEG) and a grey JPEG.
+  Returns {file_name: (height, width)} of every train image.
+  """
+  rng = np.random.default_rng(seed)
+  os.makedirs(manual_dir, exist_ok=True)
+  sizes = {}
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
+    for syn in IMAGENET_SYNSETS:
+      buf = io.BytesIO()
+      with tarfile.open(fileobj=buf, mode="w") as inner:
+        names = [(f"{syn}_{i}.JPEG", "RGB") for i in range(per_class)]
+        if syn == "n01739381":
+          names += [("n01739381_1309.JPEG", "CMYK"), (f"{syn}_grey.JPEG", "L")]
+        for name, mode in names:
+          h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+          _tar_add(inner, name, jpeg_bytes(rng, h, w, mode))
+          sizes[name] = (h, w)
+      _tar_add(outer, f"{syn}.tar", buf.getvalue())
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
+    for i in range(1, n_val + 1):
+      _tar_add(tar, f"ILSVRC2012_val_{i:08d}.JPEG", jpeg_bytes(rng, 64, 80))
+  return sizes
