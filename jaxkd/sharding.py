@@ -1,15 +1,17 @@
 """Devices, mesh and batch sharding: data parallel over every device of every process.
 
-Parameters are replicated, batches are split on their first axis over the mesh axis "data".
-The global batch is a property of the recipe: each process feeds `global_batch /
-process_count` examples and the global array is assembled from the processes' parts, so the
-numbers do not depend on how many devices or hosts run them.
+Parameters are replicated, batches are split on their first axis (after a seed axis, where
+there is one) over the mesh axis "data". The global batch is a property of the recipe: each
+process feeds `global_batch / process_count` examples and the global array is assembled from
+the processes' parts, so the numbers do not depend on how many devices or hosts run them.
+See docs/DESIGN.md#sharding.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -43,8 +45,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
-    # Seen with jax 0.10.2: one device's part of a Gloo all-gather waits on XLA:CPU's executor
-    # semaphore while the others wait in the all-gather, for ever (now and then).
+    # XLA:CPU's Gloo collectives can wait for ever with several CPU devices per process
+    # (docs/NOTES.md#xlacpu-collective-hangs).
     logging.warning(
         "%d CPU devices in each of %d processes: XLA's Gloo collectives can hang with several "
         "CPU devices per process; give each process one "
@@ -53,18 +55,28 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D data-parallel mesh over all devices (of all processes)."""
+  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes).
+
+  The devices keep the order given. (`jax.make_mesh` would sort GPUs by id and, by default,
+  make an Explicit-sharding axis, which changes how operations on sharded arrays behave.)
+  """
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
   return NamedSharding(mesh, P())
 
 
-def data_sharded(mesh: Mesh) -> NamedSharding:
-  """First axis split over the data axis, the rest whole."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def data_sharded(mesh: Mesh, seed_axis: bool = False) -> NamedSharding:
+  """The batch axis split over the data axis, the rest whole.
+
+  Args:
+    mesh: the data-parallel mesh.
+    seed_axis: the arrays carry a leading seed axis [S, B, ...] (kept whole); else [B, ...].
+  """
+  return NamedSharding(mesh, P(None, DATA_AXIS) if seed_axis else P(DATA_AXIS))
 
 
 def check_global_batch(global_batch: int, mesh: Mesh) -> None:
@@ -76,20 +88,11 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
         f"{n} (the global batch is part of the recipe and is never changed silently).")
 
 
-def local_batch_size(global_batch: int) -> int:
-  """This process's share of the global batch."""
-  return global_batch // jax.process_count()
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree of host arrays replicated on every device of `mesh`.
 
-
-def shard_host_batch(batch: dict, mesh: Mesh) -> dict:
-  """Assembles global arrays, sharded on the data axis, from each process's local numpy part."""
-  sharding = data_sharded(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
-
-
-def put_replicated(tree, mesh: Mesh):
-  """Places a pytree replicated on every device (works across processes)."""
+  Works with several processes too: each passes the same full arrays.
+  """
   sharding = replicated(mesh)
 
   def put(x):
@@ -99,22 +102,16 @@ def put_replicated(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
-def avoid_cpu_collective_deadlocks() -> None:
-  """Dispatches synchronously when the devices are several CPU devices.
+def shard_batch(batch: Any, mesh: Mesh, seed_axis: bool = False) -> Any:
+  """This process's rows of a batch (a pytree of numpy arrays) -> global `jax.Array`s.
 
-  XLA's CPU devices share one thread pool. With several (virtual) CPU devices, two programs
-  that run collectives at the same time (a train step still running while the next batch or
-  an evaluation is dispatched) can starve each other's rendezvous, which XLA aborts after
-  40 s. Synchronous dispatch runs one program at a time; accelerators are unaffected.
-
-  Caveat (measured 2026-11-30, jax 0.10.2): JAX reads this setting only when it creates its
-  CPU client, which `jaxkd.main` and the tests have done before this runs, so it has no
-  effect there. Making it effective did not remove XLA:CPU's rare evaluation aborts with 2
-  CPU devices (2/12 runs asynchronous, 5/12 synchronous), so it is left as it is until that
-  XLA issue is understood.
+  Each process passes its own rows ([b, ...], or [S, b, ...] with `seed_axis`, where
+  b = global_batch / process_count); the result is [B, ...] (or [S, B, ...]) sharded by
+  `data_sharded(mesh, seed_axis)`.
   """
-  if multi_device_cpu():
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  sharding = data_sharded(mesh, seed_axis)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def multi_device_cpu() -> bool:

@@ -18,5 +18,5 @@ import jax  # noqa: E402  (must come after the environment above)
 assert jax.device_count() == 8, f"expected 8 virtual CPU devices, got {jax.devices()}"
 
 # Several programs with collectives running at once on virtual CPU devices can deadlock XLA's
-# shared thread pool (see jaxkd.sharding.avoid_cpu_collective_deadlocks).
+# shared thread pool; one program at a time (docs/NOTES.md#xlacpu-collective-hangs).
 jax.config.update("jax_cpu_enable_async_dispatch", False)

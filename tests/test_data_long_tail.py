@@ -1,5 +1,6 @@
 """Long-tailed subsets: the exponential profile exactly, deterministic, train split only."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -78,6 +79,25 @@ def test_long_tailed_cifar100_in_both_paths_test_split_untouched(balanced_cifar_
   ev = jd.host_iterator("cifar100", data_dir=d, train=False, global_batch=100,
                         long_tail_factor=10, process_index=0, process_count=1)
   assert ev.num_examples == 500
+
+
+def test_train_loaders_draw_the_same_long_tailed_subset_on_both_paths(balanced_cifar_dir):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  kw = dict(mesh=mesh, global_batch=64, seeds=[0, 3], long_tail_factor=10)
+  dev = jd.make_train_loader(jd.spec("cifar100"), balanced_cifar_dir, device_resident=True,
+                             **kw)
+  host = jd.make_train_loader(jd.spec("cifar100"), balanced_cifar_dir, device_resident=False,
+                              **kw)
+  subset = jd.load_arrays("cifar100", "train", balanced_cifar_dir, long_tail_factor=10)
+  assert dev.num_examples == host.num_examples == len(subset["label"])
+  assert dev.index_size == host.index_size == 2000  # the whole split: per-example tables
+  assert dev.get_state() == host.get_state()
+  for _ in range(2):
+    d, h = next(dev), next(host)
+    np.testing.assert_array_equal(np.asarray(d["index"]), np.asarray(h["index"]))
+    np.testing.assert_allclose(np.asarray(d["image"]), np.asarray(h["image"]), atol=1e-5)
+    assert set(np.asarray(d["index"]).ravel().tolist()) <= set(subset["index"].tolist())
+  host.close()
 
 
 def test_select_examples_only_touches_the_train_split():

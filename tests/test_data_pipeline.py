@@ -1,5 +1,6 @@
 """Host pipeline (grain) and device-resident path: content, determinism, sharding by process,
-resumption, and agreement between the two paths (on 8 virtual CPU devices)."""
+resumption, and agreement between the two paths; the train and eval loaders the trainer uses
+(seed-stacked, sharded, resumable, built once) (on 8 virtual CPU devices)."""
 
 import json
 import re
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from jaxkd import sharding
 import jaxkd.data as jd
 from jaxkd.data import augment
 from jaxkd.data import datasets
+from jaxkd.data import device
 import test_data_support as support
 
 CIFAR = jd.spec("cifar100")
@@ -57,7 +60,7 @@ def test_mock_cifar100_host_and_device_paths(mesh):
     np.testing.assert_array_equal(np.asarray(d["index"]), h["index"])
     np.testing.assert_array_equal(np.asarray(d["label"]), h["label"])
     np.testing.assert_allclose(np.asarray(d["image"]), h["image"], atol=1e-5)
-  # Normalised with METHODS §5.3's constants: mock pixels are uniform in [0, 255], and on
+  # Normalised with the spec's constants: mock pixels are uniform in [0, 255], and on
   # average 13.4% of a crop is zero padding (E|dy - 4| = 20/9 rows, the same in columns).
   mean = np.concatenate([h["image"] for h in host]).mean(axis=(0, 1, 2))
   padded = 1 - (1 - 20 / 9 / 32) ** 2
@@ -221,16 +224,16 @@ def test_device_loader_batches_are_sharded_over_the_data_axis(cifar_dir, mesh):
 def test_device_batch_in_a_jitted_step_needs_no_collective(cifar_dir, mesh):
   # The placement choice: with the split replicated, each device gathers its own rows.
   arrays = jd.load_arrays("cifar100", "train", cifar_dir)
-  data = jd.place_dataset(arrays, mesh)
+  data = sharding.put_replicated(arrays, mesh)
   perm = jnp.asarray(jd.epoch_permutation(0, 0, 600))
-  sharding = NamedSharding(mesh, P("data"))
+  rows = sharding.data_sharded(mesh)
 
   def step(data, perm, s, epoch):
     batch = jd.device_batch(data, perm, s, epoch, ds_spec=CIFAR, global_batch=64, seed=0,
-                            batch_sharding=sharding)
+                            batch_sharding=rows)
     return batch["image"] * 2.0, batch["label"]
 
-  f = jax.jit(step, out_shardings=(sharding, sharding))
+  f = jax.jit(step, out_shardings=(rows, rows))
   hlo = f.lower(data, perm, jnp.int32(0), jnp.int32(0)).compile().as_text()
   assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
   image, _ = f(data, perm, jnp.int32(0), jnp.int32(0))
@@ -327,20 +330,146 @@ def test_uint8_host_batches_normalise_to_the_float_ones(cifar_dir):
   np.testing.assert_allclose(np.asarray(on_device), f32["image"], atol=1e-5)
 
 
-def test_make_loader_picks_the_path_and_states_carry_over(cifar_dir, mesh):
-  dev = jd.make_loader("cifar100", data_dir=cifar_dir, global_batch=64, mesh=mesh, seed=2)
-  assert isinstance(dev, jd.DeviceResidentLoader)  # CIFAR fits: device-resident default
-  host = jd.make_loader("cifar100", data_dir=cifar_dir, global_batch=64, mesh=mesh, seed=2,
-                        device_resident=False)
-  assert isinstance(host, jd.ShardedHostIterator)
-  for _ in range(4):
-    next(dev)
-  host.set_state(dev.get_state())  # same format, same batches: resume on the other path
-  a, b = next(dev), next(host)
-  for k in a:
-    assert b[k].sharding == NamedSharding(mesh, P("data")), k
-    np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-5)
+# ------------------------------------------------------------------------------------------
+# The trainer's loaders: make_train_loader / make_eval_loader.
+# ------------------------------------------------------------------------------------------
+
+
+def _train_loader(data_dir, mesh, seeds, device_resident, **kw):
+  kw.setdefault("global_batch", 64)
+  return jd.make_train_loader(CIFAR, data_dir, mesh=mesh, seeds=seeds,
+                              device_resident=device_resident, **kw)
+
+
+@pytest.mark.parametrize("device_resident", [True, False], ids=["device", "host"])
+@pytest.mark.parametrize("seeds", [[4], [2, 0, 7]], ids=["S1", "S3"])
+def test_train_loader_stacks_each_seeds_single_seed_batches(cifar_dir, mesh, seeds,
+                                                            device_resident):
+  train = _train_loader(cifar_dir, mesh, seeds, device_resident)
+  assert (train.steps_per_epoch, train.num_examples, train.index_size) == (9, 600, 600)
+  singles = [_host(data_dir=cifar_dir, global_batch=64, seed=s) for s in seeds]
+  for step in range(10):  # into the second epoch
+    batch = next(train)
+    assert batch["image"].shape == (len(seeds), 64, 32, 32, 3)
+    for k, v in batch.items():
+      assert v.sharding == NamedSharding(mesh, P(None, "data")), k
+      assert v.addressable_shards[0].data.shape[:2] == (len(seeds), 8), k
+    for i, single in enumerate(singles):
+      ref = next(single)
+      np.testing.assert_array_equal(np.asarray(batch["index"][i]), ref["index"])
+      np.testing.assert_array_equal(np.asarray(batch["label"][i]), ref["label"])
+      if device_resident:  # normalised on device: the same up to float rounding
+        np.testing.assert_allclose(np.asarray(batch["image"][i]), ref["image"], atol=1e-5)
+      else:
+        np.testing.assert_array_equal(np.asarray(batch["image"][i]), ref["image"])
+  train.close()
+
+
+def test_device_train_loader_seed_i_is_the_single_seed_device_pipeline(cifar_dir, mesh):
+  arrays = jd.load_arrays("cifar100", "train", cifar_dir)
+  train = _train_loader(cifar_dir, mesh, [3, 8], True)
+  singles = [jd.DeviceResidentLoader(arrays, CIFAR, global_batch=64, mesh=mesh, seed=s)
+             for s in (3, 8)]
+  for _ in range(3):
+    batch = next(train)
+    for i, single in enumerate(singles):
+      _assert_batches_equal({k: v[i] for k, v in batch.items()}, next(single))
+
+
+def test_train_loader_without_collectives_in_its_batch_function(cifar_dir, mesh):
+  # Each device gathers its own rows of every seed from the replicated split.
+  train = _train_loader(cifar_dir, mesh, [0, 1], True)
+  hlo = train._fn.lower(train._data, train.permutations(0), jnp.int32(0), jnp.int32(0),
+                        train._seed_array).compile().as_text()
+  assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
+
+
+@pytest.mark.parametrize("first,then", [(True, True), (False, False), (True, False)],
+                         ids=["device", "host", "device-then-host"])
+def test_train_loader_resumes_mid_epoch_as_if_uninterrupted(cifar_dir, mesh, first, then):
+  straight = _train_loader(cifar_dir, mesh, [5, 6], first)
+  for _ in range(7):
+    next(straight)
+  state = json.loads(json.dumps(straight.get_state()))  # survives JSON (and so orbax)
+  assert state["step"] == 7 and state["seeds"] == [5, 6]
+  expected = [next(straight) for _ in range(3)]  # crosses into the second epoch
+  resumed = _train_loader(cifar_dir, mesh, [5, 6], then)
+  resumed.set_state(state)
+  for e in expected:
+    got = next(resumed)
+    for k in e:
+      np.testing.assert_allclose(np.asarray(got[k]), np.asarray(e[k]), atol=1e-5, err_msg=k)
+  assert resumed.get_state() == straight.get_state()
+  resumed.close()
+  straight.close()
+
+
+def test_train_loader_refuses_another_pipelines_state(cifar_dir, mesh):
+  state = _train_loader(cifar_dir, mesh, [0, 1], True).get_state()
+  with pytest.raises(ValueError, match=r"seeds=\[0, 1\] but this pipeline has seeds=\[0, 2\]"):
+    _train_loader(cifar_dir, mesh, [0, 2], True).set_state(state)
+  with pytest.raises(ValueError, match="global_batch"):
+    _train_loader(cifar_dir, mesh, [0, 1], False, global_batch=32).set_state(state)
+
+
+def test_eval_loader_is_built_once_and_iterates_again_identically(cifar_dir, mesh,
+                                                                  monkeypatch):
+  traces = []
+
+  def counting_eval_batch(*args, **kwargs):
+    traces.append(1)  # runs once per trace, not per call
+    return jd.eval_batch(*args, **kwargs)
+
+  monkeypatch.setattr(device, "eval_batch", counting_eval_batch)
+  evals = jd.make_eval_loader(CIFAR, cifar_dir, mesh=mesh, global_batch=64,
+                              device_resident=True)
+  placed = evals.pipeline._data
+  first, second = list(evals), list(evals)
+  assert len(traces) == 1  # traced once for both passes
+  assert evals.pipeline._data is placed
+  assert all(a is b for a, b in zip(placed.values(), evals.pipeline._data.values()))
+  host = jd.make_eval_loader(CIFAR, cifar_dir, mesh=mesh, global_batch=64,
+                             device_resident=False)
+  host_first, host_second = list(host), list(host)
+  assert len(evals) == len(host) == len(first) == len(host_second) == 3  # ceil(130 / 64)
+  for d1, d2, h1, h2 in zip(first, second, host_first, host_second):
+    assert sorted(d1) == sorted(h1) == ["image", "index", "label", "mask"]
+    for k in d1:
+      assert d1[k].sharding == h1[k].sharding == NamedSharding(mesh, P("data")), k
+      np.testing.assert_array_equal(np.asarray(d1[k]), np.asarray(d2[k]), err_msg=k)
+      np.testing.assert_array_equal(np.asarray(h1[k]), np.asarray(h2[k]), err_msg=k)
+      np.testing.assert_allclose(np.asarray(d1[k]), np.asarray(h1[k]), atol=1e-5, err_msg=k)
+  assert [int(np.asarray(b["mask"]).sum()) for b in first] == [64, 64, 2]
+  np.testing.assert_array_equal(
+      np.concatenate([np.asarray(b["index"])[np.asarray(b["mask"])] for b in host_first]),
+      np.arange(130))
+  host.close()
+  evals.close()
+
+
+@pytest.mark.parametrize("make", ["train", "eval"])
+def test_loaders_refuse_a_batch_that_does_not_split_over_the_devices(cifar_dir, mesh, make):
+  kw = dict(mesh=mesh, global_batch=12, device_resident=True)
+  with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 devices"):
+    if make == "train":
+      jd.make_train_loader(CIFAR, cifar_dir, seeds=[0], **kw)
+    else:
+      jd.make_eval_loader(CIFAR, cifar_dir, **kw)
+
+
+def test_loaders_on_mock_imagenet_use_the_host_pipeline(mesh):
   with tfds.testing.mock_data(num_examples=16):
-    it = jd.make_loader("imagenet2012", global_batch=8, mesh=mesh)
-    assert isinstance(it, jd.ShardedHostIterator)
-    assert next(it)["image"].shape == (8, 224, 224, 3)
+    with pytest.raises(ValueError, match="not a device-resident dataset"):
+      jd.make_train_loader("imagenet2012", None, mesh=mesh, global_batch=8, seeds=[0],
+                           device_resident=True)
+    train = jd.make_train_loader("imagenet2012", None, mesh=mesh, global_batch=8,
+                                 seeds=[0, 1], device_resident=False)
+    batch = next(train)
+    evals = jd.make_eval_loader("imagenet2012", None, mesh=mesh, global_batch=8,
+                                device_resident=False)
+    ev = list(evals)
+  assert batch["image"].shape == (2, 8, 224, 224, 3)
+  assert batch["label"].sharding == NamedSharding(mesh, P(None, "data"))
+  assert not np.array_equal(np.asarray(batch["index"][0]), np.asarray(batch["index"][1]))
+  assert len(ev) == 2 and ev[0]["image"].shape == (8, 224, 224, 3)
+  assert all(bool(np.asarray(b["mask"]).all()) for b in ev)

@@ -7,24 +7,23 @@ before normalisation: the same permutation rule (`sampling.epoch_permutation`, c
 the host once per epoch) and the same per-example hashed augmentation (`augment`).
 
 Placement: the dataset is **replicated** on every device, not sharded over the data axis.
-A step's examples are a random subset of the whole split, so with the dataset sharded each
-device holds only some of them. Measured (8 virtual CPU devices, CIFAR-sized, B = 512; the
-compiled HLO): sharded, XLA has every device gather all B rows with the others masked out
-and then all-reduces the uint8 global batch (B*3072 bytes) every step, 2.9x slower than
-replicated; the other way out, restricting each device to its own shard, changes which
-examples meet in a batch (no longer the host pipeline's rule, and dependent on the device
-count). Replicated, each device gathers only its own rows and the compiled step has no
-collective at all; it costs one copy of the split per device (CIFAR-100: 154 MB, 0.2% of
-an 80 GB GPU). Datasets too big for that (`spec.fits_on_device` False) use the host
-pipeline.
+A step's examples are a random subset of the whole split: with the split sharded, XLA has
+every device gather all B rows (the others masked out) and all-reduces the uint8 batch each
+step; restricting each device to its own shard would change which examples meet in a batch
+(no longer the host pipeline's rule, and dependent on the device count). Replicated, each
+device gathers only its own rows and the batch function has no collective at all, for one
+copy of the split per device (CIFAR-100: 154 MB). Datasets too big for that
+(`spec.fits_on_device` False) use the host pipeline. The measurements behind this choice:
+docs/NOTES.md#device-resident-data.
 
 Pure functions for a trainer's own jitted step:
-    data = place_dataset(arrays, mesh)                      # once
+    data = sharding.put_replicated(arrays, mesh)            # once
     perm = jnp.asarray(epoch_permutation(seed, epoch, n))   # once per epoch
     batch = device_batch(data, perm, step_in_epoch, epoch, ds_spec=..., global_batch=...,
                          seed=seed, batch_sharding=NamedSharding(mesh, P("data")))
                                                             # inside jit
-and `DeviceResidentLoader`, an iterator of sharded batches for everyone else.
+and `DeviceResidentLoader`, an iterator of one seed's sharded batches (or of an eval pass).
+Several seeds from one copy of the data: `multiseed.StackedDeviceLoader`.
 """
 
 import functools
@@ -36,24 +35,18 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from jaxkd import sharding
 from jaxkd.data import augment
 from jaxkd.data import datasets
 from jaxkd.data import sampling
 
-_FIELDS = ("image", "label", "index")
+FIELDS = ("image", "label", "index")
 
 
-def place_dataset(arrays: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Copies image/label/index to every device of `mesh` (replicated; see module doc).
-
-  Works with several processes too: each passes the same full arrays.
-  """
-  sharding = NamedSharding(mesh, P())
-  out = {}
-  for k in _FIELDS:
-    x = np.asarray(arrays[k])
-    out[k] = jax.make_array_from_callback(x.shape, sharding, lambda idx, x=x: x[idx])
-  return out
+def check_device_resident(ds_spec: datasets.DatasetSpec) -> None:
+  """Only pad-crop-flip datasets (CIFAR, Fashion-MNIST) have an on-device augmentation."""
+  if ds_spec.train_augment != "pad_crop_flip":
+    raise ValueError(f"{ds_spec.name} is not a device-resident dataset; use host_iterator.")
 
 
 def take_batch(data: dict[str, jax.Array], perm: jax.Array, step_in_epoch,
@@ -73,7 +66,7 @@ def take_batch(data: dict[str, jax.Array], perm: jax.Array, step_in_epoch,
   idx = lax.dynamic_slice_in_dim(perm, step_in_epoch * global_batch, global_batch)
   if batch_sharding is not None:
     idx = lax.with_sharding_constraint(idx, batch_sharding)
-  return {k: jnp.take(data[k], idx, axis=0, mode="clip") for k in _FIELDS}
+  return {k: jnp.take(data[k], idx, axis=0, mode="clip") for k in FIELDS}
 
 
 def augment_batch(images: jax.Array, ds_spec: datasets.DatasetSpec, *, train: bool,
@@ -108,40 +101,28 @@ def eval_batch(data: dict[str, jax.Array], step, *, ds_spec: datasets.DatasetSpe
   pos = step * global_batch + jnp.arange(global_batch, dtype=jnp.int32)
   mask = pos < n
   pos = jnp.where(mask, pos, 0)
-  batch = {k: jnp.take(data[k], pos, axis=0, mode="clip") for k in _FIELDS}
+  batch = {k: jnp.take(data[k], pos, axis=0, mode="clip") for k in FIELDS}
   batch["image"] = augment_batch(batch["image"], ds_spec, train=False)
   batch["mask"] = mask
   return batch
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh,
-                data_axis: str = "data") -> dict[str, jax.Array]:
-  """This process's host batch -> global arrays sharded over `data_axis` (first axis)."""
-  sharding = NamedSharding(mesh, P(data_axis))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
-class DeviceResidentLoader:
-  """Iterator of sharded batches made on device from a device-resident split.
+class DeviceResidentLoader(sampling.StepIterator):
+  """Iterator of one seed's sharded batches made on device from a device-resident split.
 
   Train: endless (or `num_epochs`), shuffled and augmented; eval: one ordered pass with a
-  padded last batch and 'mask'. Every batch is a dict of global `jax.Array`s sharded over
-  the mesh's `data_axis` on their first axis. `get_state()` / `set_state()` use the same
-  format as `HostIterator`'s ({'step': next global step, ...}).
+  padded last batch and 'mask' (`restart()` for another). Every batch is a dict of global
+  `jax.Array`s sharded over the mesh's `data_axis` on their first axis. `get_state()` /
+  `set_state()` use the same format as `HostIterator`'s ({'step': next global step, ...}).
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], ds_spec: datasets.DatasetSpec, *,
                global_batch: int, mesh: Mesh, train: bool = True, seed: int = 0,
-               data_axis: str = "data", start_step: int = 0,
+               data_axis: str = sharding.DATA_AXIS, start_step: int = 0,
                num_epochs: int | None = None, index_size: int | None = None,
                fingerprint: dict[str, Any] | None = None):
-    n_dev = mesh.shape[data_axis]
-    if global_batch % n_dev:
-      raise ValueError(f"global_batch {global_batch} is not divisible by the {n_dev} "
-                       f"devices of mesh axis {data_axis!r}.")
-    if ds_spec.train_augment != "pad_crop_flip":
-      raise ValueError(f"{ds_spec.name} is not a device-resident dataset; use host_iterator.")
+    sharding.check_global_batch(global_batch, mesh)
+    check_device_resident(ds_spec)
     self.spec = ds_spec
     self.global_batch = global_batch
     self.train = train
@@ -151,46 +132,31 @@ class DeviceResidentLoader:
     self.index_size = index_size or (int(np.max(arrays["index"])) + 1 if self.num_examples
                                      else 0)
     self._mesh = mesh
-    self._repl = NamedSharding(mesh, P())
-    self._data = place_dataset(arrays, mesh)
+    self._data = sharding.put_replicated({k: arrays[k] for k in FIELDS}, mesh)
     batch_sharding = NamedSharding(mesh, P(data_axis))
     if train:
       self.steps_per_epoch = sampling.steps_per_epoch(self.num_examples, global_batch)
-      self._num_steps = None if num_epochs is None else num_epochs * self.steps_per_epoch
+      num_steps = None if num_epochs is None else num_epochs * self.steps_per_epoch
       self._fn = jax.jit(functools.partial(device_batch, ds_spec=ds_spec,
                                            global_batch=global_batch,
                                            batch_sharding=batch_sharding),
                          out_shardings=batch_sharding)
     else:
       self.steps_per_epoch = sampling.eval_steps(self.num_examples, global_batch)
-      self._num_steps = self.steps_per_epoch
+      num_steps = self.steps_per_epoch
       self._fn = jax.jit(functools.partial(eval_batch, ds_spec=ds_spec,
                                            global_batch=global_batch),
                          out_shardings=batch_sharding)
-    self._step = int(start_step)
+    super().__init__(num_steps=num_steps, start_step=start_step, fingerprint={
+        "dataset": ds_spec.name, "seed": seed, "global_batch": global_batch,
+        "num_examples": self.num_examples, "train": train, **(fingerprint or {})})
     self._perm_epoch, self._perm = -1, None
-    self._fingerprint = {"dataset": ds_spec.name, "seed": seed, "global_batch": global_batch,
-                         "num_examples": self.num_examples, "train": train,
-                         **(fingerprint or {})}
-
-  @property
-  def step(self) -> int:
-    return self._step
-
-  @property
-  def epoch(self) -> int:
-    return self._step // self.steps_per_epoch
-
-  def __len__(self) -> int:
-    if self._num_steps is None:
-      raise TypeError("An endless train loader has no length; pass num_epochs.")
-    return self._num_steps
 
   def permutation(self, epoch: int) -> jax.Array:
     """The epoch's permutation on the devices (replicated), cached for the current epoch."""
     if epoch != self._perm_epoch:
-      perm = sampling.epoch_permutation(self.seed, epoch, self.num_examples)
-      self._perm = jax.make_array_from_callback(perm.shape, self._repl, lambda i: perm[i])
+      self._perm = sharding.put_replicated(
+          sampling.epoch_permutation(self.seed, epoch, self.num_examples), self._mesh)
       self._perm_epoch = epoch
     return self._perm
 
@@ -202,30 +168,17 @@ class DeviceResidentLoader:
     return self._fn(self._data, self.permutation(epoch), jnp.int32(s), jnp.int32(epoch),
                     seed=jnp.int32(self.seed))
 
-  def __iter__(self):
-    return self
+  def _next_batch(self) -> dict[str, jax.Array]:
+    return self.batch_at(self._step)
 
-  def __next__(self) -> dict[str, jax.Array]:
-    if self._num_steps is not None and self._step >= self._num_steps:
-      raise StopIteration
-    batch = self.batch_at(self._step)
-    self._step += 1
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return {"step": self._step, **self._fingerprint}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    for k, v in self._fingerprint.items():
-      if k in state and state[k] != v:
-        raise ValueError(f"Loader state has {k}={state[k]!r} but this loader has {k}={v!r}.")
-    self._step = int(state["step"])
+  def close(self) -> None:
+    """Nothing to stop (as `HostIterator.close`, for code that handles both)."""
 
 
 def device_loader(name: str, split: str | None = None, data_dir: str | None = None, *,
                   global_batch: int, mesh: Mesh, train: bool = True, seed: int = 0,
                   long_tail_factor: float | None = None, long_tail_seed: int = 0,
-                  data_axis: str = "data", start_step: int = 0,
+                  data_axis: str = sharding.DATA_AXIS, start_step: int = 0,
                   num_epochs: int | None = None,
                   ds_spec: datasets.DatasetSpec | None = None,
                   arrays: dict[str, np.ndarray] | None = None) -> DeviceResidentLoader:

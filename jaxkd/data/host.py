@@ -5,6 +5,9 @@
     state = it.get_state()       # {"step": 1, ...}: JSON; save it with the checkpoint
     it.set_state(state)          # a restored run continues with the identical next batch
 
+A training loop does not use this directly: `loader.make_train_loader` stacks one of these
+per seed and makes global arrays of their batches.
+
 One element of the grain dataset is one whole batch: `grain.MapDataset.range(start, stop)`
 of global step numbers, mapped by `BatchFn` (read the step's examples from the data source,
 decode, augment, stack). Batches are built in grain worker processes (`worker_count`, 0 =
@@ -113,8 +116,8 @@ class BatchFn:
     return augment.normalize(out, self.spec.mean, self.spec.std, xp=np)
 
 
-class HostIterator:
-  """Iterator of this process's batches, resumable from `get_state()`.
+class HostIterator(sampling.StepIterator):
+  """Iterator of this process's batches, resumable from `get_state()` (`sampling.StepIterator`).
 
   Attributes:
     steps_per_epoch: global steps per epoch (train: N // global_batch; eval: the number of
@@ -128,33 +131,17 @@ class HostIterator:
   def __init__(self, batch_fn: BatchFn, *, num_steps: int | None, start_step: int = 0,
                worker_count: int = 0, read_threads: int = 1, prefetch: int = 2,
                fingerprint: dict[str, Any] | None = None):
+    super().__init__(num_steps=num_steps, start_step=start_step, fingerprint=fingerprint)
     self._fn = batch_fn
-    self._num_steps = num_steps
-    self._step = int(start_step)
     self._workers = worker_count
     self._threads = read_threads
     self._prefetch = prefetch
-    self._fingerprint = dict(fingerprint or {})
     self._it = None
     self.steps_per_epoch = batch_fn.steps_per_epoch
     self.num_examples = len(batch_fn.keys)
     self.index_size = len(batch_fn.source)
     self.global_batch = batch_fn.global_batch
     self.local_batch = batch_fn.rows.stop - batch_fn.rows.start
-
-  @property
-  def step(self) -> int:
-    """The global step of the next batch."""
-    return self._step
-
-  @property
-  def epoch(self) -> int:
-    return self._step // self.steps_per_epoch
-
-  def __len__(self) -> int:
-    if self._num_steps is None:
-      raise TypeError("An endless train iterator has no length; pass num_epochs.")
-    return self._num_steps
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """The batch of global step `step`, built here, synchronously (tests, debugging)."""
@@ -178,31 +165,13 @@ class HostIterator:
           num_workers=self._workers, per_worker_buffer_size=self._prefetch))
     return iter(ds)
 
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._num_steps is not None and self._step >= self._num_steps:
-      raise StopIteration
+  def _next_batch(self) -> dict[str, np.ndarray]:
     if self._it is None:
       self._it = self._build()
-    batch = next(self._it)
-    self._step += 1
-    return batch
+    return next(self._it)
 
-  def get_state(self) -> dict[str, Any]:
-    """JSON-serialisable: {'step': next global step, + what must match on restore}."""
-    return {"step": self._step, **self._fingerprint}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Continues from `state` (from `get_state`, possibly of a run with another number of
-    processes or workers: the global batches are the same)."""
-    for k, v in self._fingerprint.items():
-      if k in state and state[k] != v:
-        raise ValueError(f"Iterator state has {k}={state[k]!r} but this pipeline has "
-                         f"{k}={v!r}; it belongs to another pipeline.")
-    self.close()
-    self._step = int(state["step"])
+  def _seek(self, step: int) -> None:
+    self.close()  # grain's iterator runs from the old step: rebuilt at the next batch
 
   def close(self) -> None:
     """Stops grain's worker processes (also done on garbage collection)."""

@@ -71,3 +71,76 @@ def eval_positions(step: int, n: int, global_batch: int) -> tuple[np.ndarray, np
   pos = np.arange(step * global_batch, (step + 1) * global_batch, dtype=np.int64)
   mask = pos < n
   return np.where(mask, pos, 0).astype(np.int32), mask
+
+
+class StepIterator:
+  """The resumable step/epoch state of a pipeline, shared by the host and device paths.
+
+  A pipeline is a function of the global step (the rule above), so its whole state is the
+  next step: `get_state()` is {'step': next global step, + the fingerprint}, JSON-able, and
+  `set_state` continues from it after checking the fingerprint (what must match for the
+  state to mean the same batches: dataset, split, seed(s), global batch, examples).
+  Subclasses set `steps_per_epoch` and implement `_next_batch()`, the batch of `self.step`;
+  they may override `_seek(step)`, called before the next step changes by `set_state` /
+  `restart`.
+  """
+
+  steps_per_epoch: int
+
+  def __init__(self, *, num_steps: int | None, start_step: int = 0,
+               fingerprint: dict | None = None):
+    self._num_steps = num_steps
+    self._step = int(start_step)
+    self._fingerprint = dict(fingerprint or {})
+
+  @property
+  def step(self) -> int:
+    """The global step of the next batch."""
+    return self._step
+
+  @property
+  def epoch(self) -> int:
+    return self._step // self.steps_per_epoch
+
+  def __len__(self) -> int:
+    if self._num_steps is None:
+      raise TypeError("An endless train pipeline has no length; pass num_epochs.")
+    return self._num_steps
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._num_steps is not None and self._step >= self._num_steps:
+      raise StopIteration
+    batch = self._next_batch()
+    self._step += 1
+    return batch
+
+  def _next_batch(self):
+    raise NotImplementedError
+
+  def _seek(self, step: int) -> None:
+    del step
+
+  def restart(self, step: int = 0) -> None:
+    """Continues at global step `step` (an eval pass: 0)."""
+    self._seek(int(step))
+    self._step = int(step)
+
+  def get_state(self) -> dict:
+    """JSON-serialisable: {'step': next global step, + what must match on restore}."""
+    return {"step": self._step, **self._fingerprint}
+
+  def set_state(self, state: dict) -> None:
+    """Continues from `state` (from `get_state`, possibly of a run on the other path or with
+    another number of processes or workers: the global batches are the same).
+
+    Raises:
+      ValueError: `state` belongs to another pipeline (a fingerprint field differs).
+    """
+    for k, v in self._fingerprint.items():
+      if k in state and state[k] != v:
+        raise ValueError(f"Data state has {k}={state[k]!r} but this pipeline has {k}={v!r}; "
+                         "it belongs to another pipeline.")
+    self.restart(int(state["step"]))
