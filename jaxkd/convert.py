@@ -5,8 +5,17 @@
 
 The file may hold a state dict or `{"model": state_dict}` (mdistiller/RepDistiller teachers);
 it is read with `torch.load(..., weights_only=True)`, so it cannot run code. The names must be
-those of the peers' models (docs/STATE_DICTS.md); every missing, unexpected or mis-shaped key
-is listed in one error. `--num_classes` defaults to the checkpoint's classifier size.
+those of the peers' models (docs/PYTORCH.md#parameter-names); every missing, unexpected or
+mis-shaped key is listed in one error, which also names the zoo model the file does fit, if
+any. `--num_classes` defaults to the checkpoint's classifier size.
+
+mdistiller's whole-run checkpoints (`latest`, `best`, `epoch_N`) hold the distiller, student
+and teacher together: pick one with `--part student` or `--part teacher`
+(docs/PYTORCH.md#mdistiller-checkpoints).
+
+  python -m jaxkd.convert --model resnet8x4 --torch output/EXPERIMENT/best \
+      --part student --out students/resnet8x4
+
 Restore the result with `jaxkd.checkpoint.restore_model_variables(DIR)`.
 """
 
@@ -30,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output directory (must not exist)")
   p.add_argument("--num_classes", type=int, default=None,
                  help="classes (default: read off the checkpoint's classifier)")
+  p.add_argument("--part", choices=torch_import.DISTILLER_PARTS, default=None,
+                 help="which model to take out of a distiller's checkpoint (mdistiller's "
+                 "latest, best, epoch_N)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return p
 
@@ -39,8 +51,17 @@ def main(argv: list[str] | None = None) -> int:
   try:
     name = models.spec(args.model).name
     state_dict = torch_import.load_torch_file(args.torch_file)
-    num_classes = args.num_classes or torch_import.infer_num_classes(name, state_dict)
     try:
+      parts = torch_import.distiller_parts(state_dict)
+      if parts and args.part is None:
+        prefix = "module." if all(k.startswith("module.") for k in state_dict) else ""
+        raise ValueError(
+            f"this is a distiller checkpoint (a whole run, as mdistiller's latest, best and "
+            f"epoch_N are: keys {' and '.join(f'{prefix}{p}.*' for p in parts)}); pass --part "
+            f"student or --part teacher, or convert the student_best / student_latest file "
+            f"written beside it")
+      state_dict = torch_import.select_part(state_dict, args.part)
+      num_classes = args.num_classes or torch_import.infer_num_classes(name, state_dict)
       variables = torch_import.from_state_dict(name, state_dict, num_classes)
     except ValueError as e:
       raise ValueError(f"{os.path.abspath(args.torch_file)}: {e}") from None

@@ -109,6 +109,112 @@ def test_misshaped_tensor_and_wrong_num_classes():
                                         .state_dict()) == 7
 
 
+def test_state_dict_of_another_zoo_model_names_it():
+  """An ImageNet ResNet18 converted as `ResNet18` (the CIFAR resnetv2 one here)."""
+  state_dict = torch_models.build("resnet18_imagenet", 10).state_dict()
+  assert torch_import.matching_models(state_dict) == [("resnet18_imagenet", 10)]
+  with pytest.raises(ValueError, match=r"no 'linear\.weight'[\s\S]*hint: the state dict is a "
+                     r"resnet18_imagenet \(num_classes=10\); use that model name"):
+    torch_import.infer_num_classes("ResNet18", state_dict)
+  with pytest.raises(ValueError, match=r"does not match ResNet18[\s\S]*"
+                     r"hint: the state dict is a resnet18_imagenet \(num_classes=10\)"):
+    torch_import.from_state_dict("ResNet18", state_dict, 10)
+  # A state dict no zoo model has, and one that fits the model named: no hint.
+  assert torch_import.matching_models({"fc.weight": torch.zeros(3, 64)}) == []
+  assert torch_import.matching_models(reference("resnet8").state_dict()) == [("resnet8", 100)]
+
+
+# ------------------------------------------------------------------------------------------
+# Distillers' checkpoints: mdistiller's latest / best / epoch_N hold student and teacher.
+# ------------------------------------------------------------------------------------------
+
+
+def distiller_checkpoint(student, teacher, data_parallel=True):
+  """What mdistiller's trainer saves as `latest`, `best` and `epoch_N`: {"epoch", "model": the
+  distiller's state dict, "optimizer": SGD over the student after one step, "best_acc"}."""
+  optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+  student.train()(torch.zeros(2, 3, 32, 32)).square().sum().backward()
+  optimizer.step()
+  student.eval()
+  prefix = "module." if data_parallel else ""
+  model = {f"{prefix}student.{k}": v for k, v in student.state_dict().items()}
+  model |= {f"{prefix}teacher.{k}": v for k, v in teacher.state_dict().items()}
+  return {"epoch": 240, "model": model, "optimizer": optimizer.state_dict(), "best_acc": 71.5}
+
+
+@pytest.fixture(scope="module")
+def distiller_file(tmp_path_factory):
+  student, teacher = reference("resnet8", seed=1), reference("resnet14", seed=2)
+  path = tmp_path_factory.mktemp("mdistiller") / "latest"  # mdistiller's names have no suffix
+  torch.save(distiller_checkpoint(student, teacher), path)
+  return path, student, teacher
+
+
+@pytest.mark.parametrize("part, name", [("student", "resnet8"), ("teacher", "resnet14")])
+def test_convert_a_part_of_a_distiller_checkpoint(distiller_file, tmp_path, capsys, part, name):
+  path, student, teacher = distiller_file
+  module = {"student": student, "teacher": teacher}[part]
+  out = tmp_path / part
+  assert convert.main(["--model", name, "--torch", str(path), "--part", part,
+                       "--out", str(out)]) == 0, capsys.readouterr().err
+  variables, metadata = checkpoint.restore_model_variables(out)
+  assert metadata["model"] == name and metadata["num_classes"] == 100
+  images = images_for(name)
+  logits = models.create(name, 100).apply(variables, images)
+  np.testing.assert_allclose(logits, torch_logits(module, images), rtol=1e-4, atol=1e-4)
+  # The library's path to the same weights.
+  loaded = torch_import.load(name, path, part=part)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_distiller_checkpoint_without_part_says_which_flag(distiller_file, tmp_path, capsys):
+  path, _, _ = distiller_file
+  assert convert.main(["--model", "resnet8", "--torch", str(path), "--out",
+                       str(tmp_path / "a")]) == 1
+  err = capsys.readouterr().err
+  assert str(path) in err and "distiller checkpoint" in err
+  assert "module.student.* and module.teacher.*" in err
+  assert "pass --part student or --part teacher" in err and "student_best" in err
+  assert "cannot infer num_classes" not in err
+  assert not (tmp_path / "a").exists()
+  with pytest.raises(ValueError, match=r"latest: the state dict is a distiller's .*"
+                     r"part='student' or part='teacher'"):
+    torch_import.load("resnet8", path)
+
+
+def test_part_of_a_plain_state_dict_is_an_error(resnet8_file, tmp_path, capsys):
+  path, _ = resnet8_file
+  assert convert.main(["--model", "resnet8", "--torch", str(path), "--part", "student",
+                       "--out", str(tmp_path / "a")]) == 1
+  err = capsys.readouterr().err
+  assert str(path) in err and "has no student" in err and "without a part" in err
+
+
+def test_select_part_with_and_without_data_parallel():
+  student, teacher = reference("resnet8"), reference("wrn_16_1")
+  for data_parallel in (True, False):
+    state_dict = distiller_checkpoint(student, teacher, data_parallel)["model"]
+    state_dict["module.conv_reg.weight" if data_parallel else "conv_reg.weight"] = (
+        torch.zeros(1))  # a method's own module (FitNet's regressor) is left out
+    assert torch_import.distiller_parts(state_dict) == ("student", "teacher")
+    assert torch_import.select_part(state_dict, "student").keys() == student.state_dict().keys()
+    assert torch_import.select_part(state_dict, "teacher").keys() == teacher.state_dict().keys()
+    with pytest.raises(ValueError, match="distiller's"):
+      torch_import.select_part(state_dict)
+    with pytest.raises(ValueError, match=r"hint: this is a distiller's state dict "
+                       r"\(student and teacher\)"):
+      torch_import.from_state_dict("resnet8", state_dict, 100)
+  only_student = {f"student.{k}": v for k, v in student.state_dict().items()}
+  with pytest.raises(ValueError, match="has no teacher .*holds student only"):
+    torch_import.select_part(only_student, "teacher")
+  with pytest.raises(ValueError, match="part must be one of"):
+    torch_import.select_part(only_student, "teachers")
+  plain = {f"module.{k}": v for k, v in student.state_dict().items()}
+  assert torch_import.distiller_parts(plain) == ()
+  assert torch_import.select_part(plain).keys() == student.state_dict().keys()
+
+
 # ------------------------------------------------------------------------------------------
 # Reading .pth files.
 # ------------------------------------------------------------------------------------------
@@ -220,6 +326,7 @@ def test_convert_errors_exit_nonzero(resnet8_file, tmp_path, capsys):
                        str(tmp_path / "a")]) == 1
   err = capsys.readouterr().err
   assert str(path) in err and "60 missing" in err
+  assert "hint: the state dict is a resnet8 (num_classes=100); use that model name" in err
   assert not (tmp_path / "a").exists()
   assert convert.main(["--model", "resnet9", "--torch", str(path), "--out",
                        str(tmp_path / "b")]) == 1
