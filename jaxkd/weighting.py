@@ -3,56 +3,61 @@
 Each function returns weights w of the logits' leading shape `[...]`, with no gradient
 (`stop_gradient`), to pass as `weights=` to `jaxkd.losses.kd_loss` / `dkd_loss` or to any
 per-example divergence of your own through `jaxkd.losses.weighted_mean`. A weighting is
-orthogonal to the base loss: ER-KD = KD × `teacher_entropy_weights`, ER-DKD = DKD × the same,
-EA-KD = KD × `adaptive_entropy_weights`, IPWD = KD × `inverse_propensity_weights`.
+orthogonal to the base loss (docs/METHODS.md#composing-a-base-and-a-weighting): ER-KD = KD ×
+`teacher_entropy_weights`, ER-DKD = DKD × the same, EA-KD = KD × `adaptive_entropy_weights`,
+IPWD = KD × `inverse_propensity_weights`.
 
 `normalize=None` keeps the weights as the papers define them; `normalize="mean"` divides them
 by their (masked) batch mean, so that the loss keeps plain KD's scale.
 
-Depends only on `jaxkd.losses` (for its input checks); copy both files together.
+A sibling of `jaxkd.losses`: both import only the private `jaxkd._logits`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxkd import losses
+from jaxkd import _logits
+from jaxkd._logits import Array
 
-Array = Any
+__all__ = [
+    "NORMALIZE_OPTIONS",
+    "ESTIMATORS",
+    "ENTROPY_MODES",
+    "entropy",
+    "teacher_entropy_weights",
+    "adaptive_entropy_weights",
+    "standardize_logits",
+    "inverse_propensity_weights",
+]
 
 NORMALIZE_OPTIONS = (None, "mean")
 ESTIMATORS = ("likelihood_ratio", "loss_ratio")
 ENTROPY_MODES = ("per_example", "batch_mean")
 
 
-def _check_option(value: Any, options: tuple, name: str) -> None:
-  if value not in options:
-    raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+def _finish(w: jax.Array, normalize: str | None, where: Array | None,
+            max_weight: float | None = None) -> jax.Array:
+  """The one tail of every weighting: w / masked mean(w) if asked, then min(w, max_weight).
 
-
-def _masked_mean(x: jax.Array, where: Array | None) -> jax.Array:
-  if where is None:
-    return jnp.mean(x)
-  where = jnp.asarray(where, bool)
-  return jnp.sum(jnp.where(where, x, 0.0)) / jnp.maximum(jnp.sum(where), 1).astype(x.dtype)
-
-
-def _finish(w: jax.Array, normalize: str | None, where: Array | None) -> jax.Array:
-  """Optional division by the masked batch mean; weights never carry gradient."""
+  The clip comes after the normalisation, so `max_weight` bounds the weights the loss sees.
+  Weights never carry gradient.
+  """
   if normalize == "mean":
-    w = w / _masked_mean(w, where)
+    w = w / _logits.masked_mean(w, where)
+  if max_weight is not None:
+    w = jnp.minimum(w, max_weight)
   return jax.lax.stop_gradient(w)
 
 
 def _logits_and_mask(logits: Array, where: Array | None, name: str) -> jax.Array:
-  if jnp.ndim(logits) < 1:
-    raise ValueError(f"{name} must have a class axis (last axis), got shape {jnp.shape(logits)}.")
-  losses.check_leading(where, jnp.shape(logits)[:-1], "where")
-  return losses.mask_rows(jax.lax.stop_gradient(losses.as_float32(logits)), where)
+  """float32 logits without gradient, excluded rows zeroed."""
+  _logits.check_class_axis(logits, name)
+  _logits.check_leading(where, jnp.shape(logits)[:-1], "where")
+  return _logits.mask_rows(jax.lax.stop_gradient(_logits.as_float32(logits)), where)
 
 
 def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
@@ -61,8 +66,9 @@ def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
     H_i = −Σ_c p_ic log p_ic = log Z_i − Σ_c e_ic u_ic / Z_i,
     u = z/τ − max(z/τ),  e = exp(u),  Z = Σ_c e_c
 
-  computed without the log of a softmax, in one sweep for both sums; 0·log 0 = 0. The ER-KD reference clamps p at 1e-10
-  inside the log, which differs from this by less than C · 1e-10 · 23.
+  computed without the log of a softmax, in one sweep for both sums; 0·log 0 = 0. The ER-KD
+  reference clamps p at 1e-10 inside the log, which differs from this by less than
+  C · 1e-10 · 23.
 
   Args:
     logits: `[..., C]`.
@@ -71,18 +77,17 @@ def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
   Returns:
     `[...]` float32 in [0, ln C].
   """
-  if jnp.ndim(logits) < 1:
-    raise ValueError(f"logits must have a class axis (last axis), got shape {jnp.shape(logits)}.")
-  losses.check_positive(temperature, "temperature")
-  u = losses.scaled_shift(losses.as_float32(logits), temperature)
-  total, moment = losses.softmax_moments(u)
+  _logits.check_class_axis(logits, "logits")
+  _logits.check_positive(temperature, "temperature")
+  u = _logits.scaled_shift(_logits.as_float32(logits), temperature)
+  total, moment = _logits.softmax_moments(u)
   return jnp.log(total) - moment / total
 
 
 def teacher_entropy_weights(teacher_logits: Array, *, temperature: float = 4.0,
                             normalize: str | None = None, where: Array | None = None,
                             mode: str = "per_example") -> jax.Array:
-  """ER-KD weights: the teacher's softened entropy (arXiv 2311.13621 v1, §3; METHODS §2.1).
+  """ER-KD weights: the teacher's softened entropy (docs/METHODS.md#er-kd).
 
     w_i = H(softmax(z^t_i / τ′)),  τ′ = 4 by default, independent of the KD temperature
 
@@ -96,17 +101,22 @@ def teacher_entropy_weights(teacher_logits: Array, *, temperature: float = 4.0,
     mode: "per_example" (the paper's intent), or "batch_mean": every example gets the batch
       mean entropy, which reproduces the reference ER-DKD code, where a `[B]` loss times a
       `[B, 1]` entropy broadcasts to `[B, B]` and its mean is mean(H) · mean(L)
-      (METHODS Part II §2.2). Use it only for bit-faithful comparisons.
+      (docs/METHODS.md#er-kd). Use it only for bit-faithful comparisons.
 
   Returns:
     `[...]` float32, no gradient.
+
+  References:
+    Su et al., `Knowledge From the Dark Side: Entropy-Reweighted Knowledge Distillation for
+    Balanced Knowledge Transfer <https://arxiv.org/abs/2311.13621v1>`_, arXiv 2311.13621 v1,
+    2023, §3
   """
-  _check_option(normalize, NORMALIZE_OPTIONS, "normalize")
-  _check_option(mode, ENTROPY_MODES, "mode")
+  _logits.check_option(normalize, NORMALIZE_OPTIONS, "normalize")
+  _logits.check_option(mode, ENTROPY_MODES, "mode")
   z = _logits_and_mask(teacher_logits, where, "teacher_logits")
   w = entropy(z, temperature=temperature)
   if mode == "batch_mean":
-    w = jnp.broadcast_to(_masked_mean(w, where), w.shape)
+    w = jnp.broadcast_to(_logits.masked_mean(w, where), w.shape)
   return _finish(w, normalize, where)
 
 
@@ -115,7 +125,7 @@ def adaptive_entropy_weights(teacher_logits: Array, student_logits: Array, *,
                              entropy_upper_bound: float | None = None,
                              normalize: str | None = None,
                              where: Array | None = None) -> jax.Array:
-  """EA-KD weights from teacher and student entropies (arXiv 2311.13621 v2/v3; METHODS §3.1).
+  """EA-KD weights from teacher and student entropies (docs/METHODS.md#ea-kd).
 
     w_i = ½ · H^t_i(t) · (1 + H^s_i(t) / H_ub),  t = 3, student logits detached
 
@@ -129,14 +139,18 @@ def adaptive_entropy_weights(teacher_logits: Array, student_logits: Array, *,
 
   Returns:
     `[...]` float32, no gradient.
+
+  References:
+    Su et al., `EA-KD: Entropy-based Adaptive Knowledge Distillation
+    <https://arxiv.org/abs/2311.13621>`_, arXiv 2311.13621 v2/v3, ICCV 2025
   """
-  losses.check_logits_pair(teacher_logits, student_logits, "teacher_logits", "student_logits")
-  _check_option(normalize, NORMALIZE_OPTIONS, "normalize")
+  _logits.check_logits_pair(teacher_logits, student_logits, "teacher_logits", "student_logits")
+  _logits.check_option(normalize, NORMALIZE_OPTIONS, "normalize")
   num_classes = jnp.shape(teacher_logits)[-1]
   h_ub = math.log(num_classes) if entropy_upper_bound is None else entropy_upper_bound
   if num_classes < 2 and entropy_upper_bound is None:
     raise ValueError("adaptive_entropy_weights needs C ≥ 2 classes for the default H_ub = ln C.")
-  losses.check_positive(h_ub, "entropy_upper_bound")
+  _logits.check_positive(h_ub, "entropy_upper_bound")
   zt = _logits_and_mask(teacher_logits, where, "teacher_logits")
   zs = _logits_and_mask(student_logits, where, "student_logits")
   h_t = entropy(zt, temperature=temperature)
@@ -151,7 +165,7 @@ def _centered_scale(z: jax.Array, eps: float) -> jax.Array:
   one-pass variance Σd²/(C−1) − (Σd)²/(C(C−1)) well conditioned in float32.
   """
   c = z.shape[-1]
-  d = z - losses.row_max(z)
+  d = z - _logits.row_max(z)
   s1 = jnp.sum(d, axis=-1, keepdims=True)
   s2 = jnp.sum(d * d, axis=-1, keepdims=True)
   var = jnp.maximum(s2 - s1 * s1 / c, 0.0) / max(c - 1, 1)
@@ -161,10 +175,14 @@ def _centered_scale(z: jax.Array, eps: float) -> jax.Array:
 def standardize_logits(logits: Array, *, eps: float = 1e-7) -> jax.Array:
   """Per-example z-score over the class axis: (z − mean_c z) / (std_c z + eps).
 
-  The unbiased standard deviation, as in logit standardisation (Sun et al., CVPR 2024), which
-  is also what the EA-KD code uses. `[..., C]` -> `[..., C]` float32.
+  The unbiased standard deviation, as in logit standardisation, which is also what the EA-KD
+  code uses. `[..., C]` -> `[..., C]` float32.
+
+  References:
+    Sun et al., `Logit Standardization in Knowledge Distillation
+    <https://arxiv.org/abs/2403.01427>`_, CVPR 2024
   """
-  z = losses.as_float32(logits)
+  z = _logits.as_float32(logits)
   return (z - jnp.mean(z, axis=-1, keepdims=True)) / _centered_scale(z, eps)
 
 
@@ -176,21 +194,22 @@ def _standardized_log_likelihood(logits: jax.Array, labels: jax.Array,
   same increasing affine map, so the shifted z-scores are (z − max z) / (std + eps).
   """
   scale = _centered_scale(logits, 1e-7) if standardize else 1.0
-  u, lse = losses.shifted_logsumexp(logits, scale)
-  return jnp.take_along_axis(u, labels[..., None], axis=-1)[..., 0] - lse
+  u, lse = _logits.shifted_logsumexp(logits, scale)
+  return _logits.take_label(u, labels) - lse
 
 
 def inverse_propensity_weights(kd_logits: Array, ce_logits: Array, labels: Array, *,
                                estimator: str = "likelihood_ratio", standardize: bool = True,
                                normalize: str | None = None, max_weight: float | None = None,
                                where: Array | None = None) -> jax.Array:
-  """IPWD weights, 1 / P(machine domain | x, y) (Niu et al., NeurIPS 2022; METHODS §4.3).
+  """IPWD weights, 1 / P(machine domain | x, y) (docs/METHODS.md#ipwd).
 
-  A reconstruction: no official code exists and the paper's method section could not be read
-  (METHODS Part II §4). The student carries two heads on shared features: the main head f,
-  trained with CE + KD (its likelihood of the label stands for the machine domain, the
-  teacher's knowledge), and an auxiliary head g trained with CE only (the human domain). With
-  z-scored logits at τ = 1, q_kd = softmax(std(f))_y and q_ce = softmax(std(g))_y:
+  A reconstruction: no official code exists and the paper's method section could not be read;
+  docs/METHODS.md#the-ipwd-reconstruction gives the evidence for and against each reading. The
+  student carries two heads on shared features: the main head f, trained with CE + KD (its
+  likelihood of the label stands for the machine domain, the teacher's knowledge), and an
+  auxiliary head g trained with CE only (the human domain). With z-scored logits at τ = 1,
+  q_kd = softmax(std(f))_y and q_ce = softmax(std(g))_y:
 
     "likelihood_ratio" (default): P(machine | x, y) = q_kd / (q_kd + q_ce),
                                   w = 1 / P = 1 + q_ce / q_kd
@@ -213,18 +232,21 @@ def inverse_propensity_weights(kd_logits: Array, ce_logits: Array, labels: Array
 
   Returns:
     `[...]` float32, no gradient.
+
+  References:
+    Niu et al., `Respecting Transfer Gap in Knowledge Distillation
+    <https://proceedings.neurips.cc/paper_files/paper/2022/hash/89b0e466b46292ce0bfe53618aadd3de-Abstract-Conference.html>`_,
+    NeurIPS 2022
   """
-  losses.check_logits_pair(kd_logits, ce_logits, "kd_logits", "ce_logits")
-  losses.check_labels(labels, kd_logits)
-  _check_option(estimator, ESTIMATORS, "estimator")
-  _check_option(normalize, NORMALIZE_OPTIONS, "normalize")
+  _logits.check_logits_pair(kd_logits, ce_logits, "kd_logits", "ce_logits")
+  _logits.check_labels(labels, kd_logits)
+  _logits.check_option(estimator, ESTIMATORS, "estimator")
+  _logits.check_option(normalize, NORMALIZE_OPTIONS, "normalize")
   if max_weight is not None:
-    losses.check_positive(max_weight, "max_weight")
+    _logits.check_positive(max_weight, "max_weight")
   f = _logits_and_mask(kd_logits, where, "kd_logits")
   g = _logits_and_mask(ce_logits, where, "ce_logits")
-  labels = jnp.asarray(labels)
-  if where is not None:
-    labels = jnp.where(jnp.asarray(where, bool), labels, 0)
+  labels = _logits.mask_labels(labels, where)
   log_q_kd = _standardized_log_likelihood(f, labels, standardize)
   log_q_ce = _standardized_log_likelihood(g, labels, standardize)
   if estimator == "likelihood_ratio":
@@ -232,8 +254,4 @@ def inverse_propensity_weights(kd_logits: Array, ce_logits: Array, labels: Array
   else:
     # CE_kd = −log q_kd can reach 0 for a perfectly fitted example; the floor keeps w finite.
     w = 1.0 + (-log_q_ce) / jnp.maximum(-log_q_kd, 1e-12)
-  if normalize == "mean":
-    w = w / _masked_mean(w, where)
-  if max_weight is not None:
-    w = jnp.minimum(w, max_weight)
-  return jax.lax.stop_gradient(w)
+  return _finish(w, normalize, where, max_weight)

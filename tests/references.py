@@ -1,6 +1,6 @@
 """Independent float64 NumPy references for the loss and weighting formulas.
 
-Written straight from METHODS.md (Part I and Part II §1-§4), with none of jaxkd's tricks
+Written straight from the formulas of docs/METHODS.md, with none of jaxkd's tricks
 (no shifted log-sum-exp sharing, no closed-form gradients): plain log-softmax in float64.
 """
 

@@ -1,13 +1,15 @@
 """jaxkd.losses against float64 NumPy references, closed-form gradients and bad input."""
 
+import contextlib
 import functools
 
 import jax
+from jax import test_util as jtu
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd import losses
+from jaxkd import _logits, losses
 import references as ref
 
 # (shape, scale): several ranks, class counts and logit magnitudes, large ones included.
@@ -133,6 +135,39 @@ def test_kl_gradient_wrt_teacher_matches_autodiff_of_reference_formula():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@contextlib.contextmanager
+def float64():
+  """JAX's float64 for one test; the session default (float32) comes back afterwards."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.mark.parametrize("shape,scale", [((6, 9), 2.0), ((2, 3, 5), 10.0)])
+def test_kl_custom_vjp_passes_check_grads_in_float64(shape, scale):
+  """The closed-form VJP of the one-sweep KL against numerical derivatives, both arguments.
+
+  Shifted inputs (row max 0) as `kl_divergence` passes them. Reverse mode only: a custom_vjp
+  has no forward mode, and `check_grads` compares `_kl_shifted_bwd` against central
+  differences of the forward sweep along random directions.
+  """
+  with float64():
+    us = _logits.scaled_shift(jnp.asarray(make_logits(shape, scale, 43), jnp.float64), 2.0)
+    ut = _logits.scaled_shift(jnp.asarray(make_logits(shape, scale, 44), jnp.float64), 2.0)
+    assert us.dtype == jnp.float64
+    jtu.check_grads(losses._kl_shifted, (us, ut), order=1, modes=("rev",),
+                              atol=1e-6, rtol=1e-6)
+    # Through the public function (temperature, shift and float32 promotion included).
+    zs = jnp.asarray(make_logits(shape, scale, 45), jnp.float64)
+    zt = jnp.asarray(make_logits(shape, scale, 46), jnp.float64)
+    jtu.check_grads(lambda a, b: losses.kl_divergence(a, b, temperature=3.0),
+                              (zs, zt), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+  assert jnp.zeros(()).dtype == jnp.float32
+
+
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_dkd_and_ce_gradients_match_finite_differences(scale):
   """Central differences of the float64 reference formulas against jax.grad."""
@@ -168,6 +203,31 @@ def test_temperature_may_be_traced_and_differentiated():
   np.testing.assert_allclose(jax.grad(f)(4.0), numeric, rtol=2e-2)
 
 
+def test_traced_temperature_skips_the_value_check_under_every_transformation():
+  """check_positive cannot see a traced value: under jit, grad and vmap it passes through."""
+  zs, zt = make_logits((8, 10), 2.0, 47), make_logits((8, 10), 2.0, 48)
+  kd = lambda t: losses.kd_loss(zs, zt, temperature=t)
+  expected = kd(4.0)
+  np.testing.assert_allclose(jax.jit(kd)(4.0), expected, rtol=1e-6)
+  assert np.isfinite(jax.grad(kd)(4.0))
+  np.testing.assert_allclose(jax.vmap(kd)(jnp.array([4.0, 4.0])), [expected] * 2, rtol=1e-6)
+  assert np.isfinite(jax.jit(jax.vmap(jax.grad(kd)))(jnp.array([2.0, 4.0]))).all()
+  # Concrete values of every kind are still checked.
+  for bad in (0.0, -1.0, float("inf"), float("nan"), jnp.float32(0.0), np.zeros(2), None, "x"):
+    with pytest.raises(ValueError, match="temperature"):
+      kd(bad)
+
+
+def test_public_surface():
+  """`__all__` lists the public functions; the shared numerics stay in the private module."""
+  assert losses.__all__ == ["cross_entropy", "kl_divergence", "dkd_divergence", "weighted_mean",
+                            "kd_loss", "dkd_loss"]
+  assert all(callable(getattr(losses, name)) for name in losses.__all__)
+  for helper in ("as_float32", "check_positive", "mask_rows", "row_max", "scaled_shift",
+                 "softmax_moments", "expectation", "shifted_logsumexp"):
+    assert not hasattr(losses, helper), helper
+
+
 # --- extreme and masked input --------------------------------------------------------------
 
 
@@ -186,7 +246,7 @@ def test_extreme_logits_give_finite_losses_and_gradients():
   def total(zs):
     return (losses.kd_loss(zs, zt, temperature=4.0, where=where)
             + losses.dkd_loss(zs, zt, y, where=where)
-            + losses.weighted_mean(losses.cross_entropy(losses.mask_rows(zs, where), y),
+            + losses.weighted_mean(losses.cross_entropy(_logits.mask_rows(zs, where), y),
                                    where=where))
 
   value, grad = jax.value_and_grad(total)(jnp.asarray(zs))

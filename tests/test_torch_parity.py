@@ -1,8 +1,9 @@
-"""Parity with the peers' formulas, written here in PyTorch from METHODS.md Part II (§1-§3).
+"""Parity with the peers' formulas, written here in PyTorch.
 
 These are re-statements of what the reference code computes (mdistiller's KD and DKD, the
 ER-KD and EA-KD repositories), including their numerical habits (log of a softmax, a 1e-10
-clamp, a −1000 target mask, an unintended broadcast), not copies of that code.
+clamp, a −1000 target mask, an unintended broadcast), not copies of that code; where code and
+paper differ, docs/METHODS.md#reference-code-and-paper says which is which.
 """
 
 import math

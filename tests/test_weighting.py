@@ -125,7 +125,7 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
 
 
 def test_ipwd_weight_falls_with_teacher_class_mass():
-  """The behaviour that stands in for the unread paper (METHODS Part II §4.1, Part I §6).
+  """The behaviour that stands in for the unread paper (docs/METHODS.md#the-ipwd-reconstruction).
 
   A teacher whose summed probability per class is long-tailed (its "machine domain" is
   imbalanced, Fig. 1 of the paper) is mimicked by the KD head; the CE head sees balanced
@@ -153,10 +153,24 @@ def test_ipwd_weight_falls_with_teacher_class_mass():
   rho = stats.spearmanr(teacher_mass, class_weight).statistic
   assert rho < -0.7, rho
   # The literal "loss_ratio" reading (1 + CE_ce / CE_kd) weights the same heads the opposite
-  # way, up-weighting the teacher's favoured classes: why it is not the default (METHODS §4.3).
+  # way, up-weighting the teacher's favoured classes: why it is not the default
+  # (docs/METHODS.md#the-ipwd-reconstruction).
   w_lr = np.asarray(weighting.inverse_propensity_weights(
       kd_head.astype(np.float32), ce_head.astype(np.float32), y.astype(np.int32),
       estimator="loss_ratio"))
   class_weight_lr = np.array([w_lr[y == c].mean() for c in range(num_classes)])
   rho_lr = stats.spearmanr(teacher_mass, class_weight_lr).statistic
   assert rho_lr > 0.5, rho_lr
+
+
+def test_public_surface_and_sibling_of_losses():
+  """`__all__` lists the public names; weighting reaches the numerics through `_logits` only."""
+  assert weighting.__all__ == ["NORMALIZE_OPTIONS", "ESTIMATORS", "ENTROPY_MODES", "entropy",
+                               "teacher_entropy_weights", "adaptive_entropy_weights",
+                               "standardize_logits", "inverse_propensity_weights"]
+  for name in weighting.__all__:
+    assert hasattr(weighting, name), name
+  assert not hasattr(weighting, "losses")
+  assert weighting.NORMALIZE_OPTIONS == (None, "mean")
+  assert weighting.ESTIMATORS == ("likelihood_ratio", "loss_ratio")
+  assert weighting.ENTROPY_MODES == ("per_example", "batch_mean")

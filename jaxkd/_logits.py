@@ -1,0 +1,180 @@
+"""Private numerics and input checks shared by `jaxkd.losses` and `jaxkd.weighting`.
+
+Not public API: names here may change without notice. The two public modules import this one
+and nothing else of jaxkd, so copying the loss layer into your own code means copying
+`_logits.py`, `losses.py` and (for the sample weights) `weighting.py`.
+
+Conventions (docs/DESIGN.md#numerics-of-the-loss-layer): logits carry classes on the last
+axis and any leading axes; math runs in at least float32; a `where=` mask over the leading
+axes excludes rows that may hold anything (padding, ±inf, NaN) without reaching a value or a
+gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any  # jax.Array or anything jnp.asarray accepts.
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks. They run on shapes and Python scalars only, so they fire at trace time, before
+# any computation, and cost nothing inside a compiled step.
+
+
+def as_float32(x: Array) -> jax.Array:
+  """Promotes to at least float32 (bf16/f16 in -> f32 math; f64 stays f64)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def check_positive(value: Any, name: str) -> None:
+  """Raises ValueError if a concrete scalar `value` is not a finite positive number.
+
+  Traced values (e.g. a learnable temperature under `jit` or `grad`) have no value at trace
+  time and pass: converting one to NumPy raises JAX's documented tracer-conversion error.
+  """
+  try:
+    v = np.asarray(value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  try:
+    v = float(v)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a positive number, got {value!r}.") from e
+  if not v > 0 or v == float("inf"):
+    raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
+
+
+def check_option(value: Any, options: tuple, name: str) -> None:
+  """Raises ValueError if `value` is not one of `options`."""
+  if value not in options:
+    raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+
+
+def check_class_axis(x: Array, name: str) -> None:
+  """`x` has a non-empty last (class) axis."""
+  if jnp.ndim(x) < 1 or jnp.shape(x)[-1] < 1:
+    raise ValueError(f"{name} must have a class axis (last axis), got shape {jnp.shape(x)}.")
+
+
+def check_logits_pair(a: Array, b: Array, name_a: str, name_b: str) -> None:
+  """Two logits arrays must have the same shape with at least one (class) axis."""
+  check_class_axis(a, name_a)
+  if jnp.shape(a) != jnp.shape(b):
+    raise ValueError(
+        f"{name_a} and {name_b} must have the same shape, got {jnp.shape(a)} and "
+        f"{jnp.shape(b)}.")
+
+
+def check_labels(labels: Array, logits: Array, name: str = "labels") -> None:
+  """Integer labels of shape `logits.shape[:-1]`."""
+  if jnp.shape(labels) != jnp.shape(logits)[:-1]:
+    raise ValueError(
+        f"{name} must have shape {jnp.shape(logits)[:-1]} (the logits' leading axes), got "
+        f"{jnp.shape(labels)}.")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(f"{name} must be integer class indices, got dtype {jnp.result_type(labels)}.")
+
+
+def check_leading(x: Array | None, leading_shape: tuple[int, ...], name: str) -> None:
+  """`x` (a per-example array such as weights or a where-mask) matches the leading shape."""
+  if x is not None and jnp.shape(x) != tuple(leading_shape):
+    raise ValueError(
+        f"{name} must have shape {tuple(leading_shape)} (the per-example shape), got "
+        f"{jnp.shape(x)}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Masks.
+
+
+def mask_rows(logits: Array, where: Array | None) -> jax.Array:
+  """Replaces the logits of rows that `where` excludes by zeros.
+
+  Excluded rows may hold ±inf or NaN (padding tokens, dropped examples). Multiplying their loss
+  by zero would still give NaN (0·inf) and NaN gradients, so they are replaced before any math
+  (the "double where" rule for safe gradients).
+  """
+  if where is None:
+    return logits
+  return jnp.where(jnp.asarray(where, bool)[..., None], logits, jnp.zeros((), logits.dtype))
+
+
+def mask_labels(labels: Array, where: Array | None) -> jax.Array:
+  """Replaces the labels of excluded rows by class 0.
+
+  Excluded rows may carry any label (padding, −1); class 0 keeps their gathers in range.
+  """
+  labels = jnp.asarray(labels)
+  if where is None:
+    return labels
+  return jnp.where(jnp.asarray(where, bool), labels, 0)
+
+
+def masked_mean(x: jax.Array, where: Array | None) -> jax.Array:
+  """Σ_i where_i · x_i / max(Σ_i where_i, 1): the mean over the kept entries, 0 if none.
+
+  Excluded entries never reach the result, even if they hold NaN or inf.
+  """
+  if where is None:
+    return jnp.mean(x)
+  where = jnp.asarray(where, bool)
+  return jnp.sum(jnp.where(where, x, 0.0)) / jnp.maximum(jnp.sum(where), 1).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def row_max(z: jax.Array) -> jax.Array:
+  """max over the last axis, keepdims, as a constant for autodiff; 0 for all −inf rows.
+
+  Every log-sum-exp here is written lse(z) = log Σ exp(z − m) + m with this m; the identity
+  holds for any m, so m carries no gradient (on both sides of it).
+  """
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def scaled_shift(z: jax.Array, temperature: Any = 1.0) -> jax.Array:
+  """u = (z − max z) / τ: the logits at temperature τ shifted to a row maximum of 0.
+
+  max(z/τ) = max(z)/τ for τ > 0, so one maximum of the raw logits serves every temperature
+  and every function of the same logits (XLA computes it once): KD at τ = 4, ER-KD's entropy
+  at τ′ = 4, EA-KD's at t = 3 share a single sweep.
+  """
+  return (z - row_max(z)) / temperature
+
+
+def shifted_logsumexp(z: jax.Array, temperature: Any = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Returns (u, lse) with u = scaled_shift(z, τ) and lse = log Σ exp(u), both float32.
+
+  log softmax(z/τ) = u − lse, elementwise and without cancellation against the max.
+  """
+  u = scaled_shift(z, temperature)
+  return u, jnp.log(jnp.sum(jnp.exp(u), axis=-1))
+
+
+def take_label(u: jax.Array, labels: jax.Array) -> jax.Array:
+  """u_y per row: `[..., C]` and integer `[...]` -> `[...]`."""
+  return jnp.take_along_axis(u, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
+
+
+def expectation(p: jax.Array, v: jax.Array) -> jax.Array:
+  """Σ_c p_c · v_c over the last axis, with the convention 0 · (±inf) = 0."""
+  return jnp.sum(jnp.where(p > 0, p * v, 0.0), axis=-1)
+
+
+def softmax_moments(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For shifted logits u (max 0): Z = Σ exp(u) and Σ exp(u)·u, from ONE exp per element.
+
+  Both sums read the same exp(u), so XLA computes them in a single sweep over memory; the
+  entropy of softmax(u) is log Z − (Σ e·u)/Z without a second pass to form p = e/Z first.
+  """
+  e = jnp.exp(u)
+  return jnp.sum(e, axis=-1), expectation(e, u)
