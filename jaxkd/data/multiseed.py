@@ -63,8 +63,8 @@ class StackedDeviceLoader(sampling.StepIterator):
     device.check_device_resident(ds_spec)
     self.seeds = tuple(int(s) for s in seeds)
     self.num_examples = len(arrays["label"])
-    self.index_size = index_size or int(np.max(arrays["index"])) + 1
     self.steps_per_epoch = sampling.steps_per_epoch(self.num_examples, global_batch)
+    self.index_size = index_size or int(np.max(arrays["index"])) + 1
     super().__init__(num_steps=None, fingerprint=_fingerprint(
         ds_spec, self.seeds, global_batch, self.num_examples))
     self._mesh = mesh
@@ -72,10 +72,10 @@ class StackedDeviceLoader(sampling.StepIterator):
     self._seed_array = sharding.put_replicated(np.asarray(self.seeds, np.int32), mesh)
     # The constraint on one seed's rows ([B] over 'data') becomes [S, B] over (None, 'data')
     # under vmap: each device gathers only its own rows of every seed.
-    self._fn = jax.jit(functools.partial(
-        _stacked_device_batch, ds_spec=ds_spec, global_batch=global_batch,
-        batch_sharding=sharding.data_sharded(mesh)),
-                       out_shardings=sharding.data_sharded(mesh, seed_axis=True))
+    batch_fn = functools.partial(_stacked_device_batch, ds_spec=ds_spec,
+                                 global_batch=global_batch,
+                                 batch_sharding=sharding.data_sharded(mesh))
+    self._fn = jax.jit(batch_fn, out_shardings=sharding.data_sharded(mesh, seed_axis=True))
     self._perm_epoch, self._perms = -1, None
 
   def permutations(self, epoch: int) -> jax.Array:
