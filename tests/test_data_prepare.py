@@ -362,7 +362,9 @@ def test_cli_missing_dataset_exits_nonzero_fast(tmp_path):
        str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
   assert out.returncode == 1
   assert "python -m jaxkd.data.prepare imagenet2012" in out.stderr
-  assert time.perf_counter() - t < 10.0
+  # A new interpreter importing tfds: about 5 s on an idle core, 13 s seen on a busy 2-core
+  # CPU; hanging on the network would take minutes.
+  assert time.perf_counter() - t < 30.0
 
 
 def test_unknown_dataset_name():

@@ -466,11 +466,13 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 
 def ensure_prepared(name: str, data_dir: str | None = None) -> str:
-  """Returns the data dir once `name` can be read from it, else raises within seconds.
+  """Returns the data dir once `name` can be read from it; raises within seconds when it
+  cannot be had.
 
   Prepared (or mocked by `tfds.testing.mock_data`): returns at once. Fashion-MNIST that is
   not (docs/ENVIRONMENT.md#getting-the-datasets), in this order:
-    1. built from the files of Debian's `dataset-fashion-mnist` (~15 s);
+    1. built from the files of Debian's `dataset-fashion-mnist` (90-115 s on a busy 2-core
+       CPU);
     2. without them, that package is installed first with
        `apt-get install -y -qq dataset-fashion-mnist` (after `apt-get update` if apt does
        not know the package) when apt-get is there and we are root or `sudo -n` works,
