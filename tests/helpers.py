@@ -1,5 +1,5 @@
 """Shared helpers of the tests (not a test module): generated raw archives in the official
-formats, a small generated Fashion-MNIST, and the real one.
+formats, a small generated Fashion-MNIST, the real one, and tiny trainer runs.
 
 Trainer tests use `small_fashion_data_dir()` by default, so they never skip. The real
 Fashion-MNIST (`fashion_data_dir()`) is prepared the way the quickstart prepares it; in CI
@@ -8,22 +8,32 @@ once per test session, whichever module asks first.
 """
 
 import atexit
+import contextlib
 import functools
 import gzip
 import io
+import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
 
+from jaxkd import checkpoint
+from jaxkd import config as jconfig
+from jaxkd import train
 from jaxkd.data import builders
 from jaxkd.data import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def in_ci() -> bool:
@@ -233,3 +243,94 @@ def write_imagenet_tars(manual_dir: str, per_class: int = 4, n_val: int = 8,
     for i in range(1, n_val + 1):
       _tar_add(tar, f"ILSVRC2012_val_{i:08d}.JPEG", jpeg_bytes(rng, 64, 80))
   return sizes
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer runs: tiny configs, in-process runs on 2 devices, the CLI in subprocesses.
+# ------------------------------------------------------------------------------------------
+
+
+def quick_config(data_dir, *, mode="teacher", method="ce", steps=6, batch=32, **overrides):
+  c = jconfig.default_config()
+  jconfig.apply_method(c, method)
+  c.mode = mode
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = data_dir
+  c.model = "quick_student"
+  c.teacher.model = "quick_teacher"
+  c.batch_size = batch
+  c.eval_batch_size = 1000
+  c.num_epochs = 1
+  c.max_steps = steps
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 3
+  c.progress_bar = False
+  c.optimizer.milestones = ()
+  c.optimizer.schedule = "cosine"
+  c.optimizer.nesterov = True
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def train_run(config, workdir, devices=None):
+  """In-process runs use 2 of the 8 virtual devices: XLA's CPU collectives over all 8 can
+  starve each other's rendezvous on a 2-core machine once earlier tests left threads behind;
+  the 8-device comparison runs in fresh subprocesses instead."""
+  return train.train_and_evaluate(config, workdir, devices=devices or jax.devices()[:2])
+
+
+def read_metrics(workdir, prefix="train/loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r[prefix]) for r in rows if prefix in r]
+
+
+def load_params(workdir):
+  variables, _ = checkpoint.restore_model_variables(os.path.join(workdir, "model"))
+  return variables
+
+
+def assert_trees_equal(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if tol:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@contextlib.contextmanager
+def count_compilations(fragment):
+  """Collects the names of the functions XLA compiles in the block whose name holds
+  `fragment` (compilations, not cache hits: jax reports each backend compile)."""
+  names = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    name = str(kwargs.get("fun_name", ""))
+    if event == "/jax/core/compile/backend_compile_duration" and fragment in name:
+      names.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def cli(args, env=None, **kwargs):
+  full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.run([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, **kwargs)
+
+
+def run_cli_config(workdir, data_dir, steps, extra=()):
+  return ["--config", os.path.join(REPO, "configs", "quickstart.py"),
+          "--workdir", workdir, f"--config.dataset.data_dir={data_dir}",
+          "--config.suite=('teacher',)", f"--config.max_steps={steps}",
+          "--config.checkpoint.every_steps=2", "--config.progress_bar=False",
+          "--config.log_every_steps=1", "--config.batch_size=32", *extra]

@@ -6,7 +6,7 @@ import pytest
 
 import jaxkd.data as jd
 from jaxkd.data import datasets
-import test_data_support as support
+import helpers as support
 
 
 @pytest.mark.parametrize("factor,total", [(10, 19573), (50, 12608), (100, 10847)])

@@ -17,7 +17,7 @@ import jaxkd.data as jd
 from jaxkd.data import augment
 from jaxkd.data import datasets
 from jaxkd.data import device
-import test_data_support as support
+import helpers as support
 
 CIFAR = jd.spec("cifar100")
 

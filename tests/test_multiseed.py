@@ -1,4 +1,4 @@
-"""Several seeds in one vectorised run, and bfloat16 training (issue: throughput)."""
+"""Several seeds in one program, and bfloat16 training."""
 
 import os
 
@@ -6,11 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-import test_data_support
+import helpers
 from jaxkd import checkpoint
 from jaxkd import config as jconfig
-from jaxkd import train
-from test_train import quick_config, train_run
+from helpers import quick_config, train_run
 
 
 def _params(path):
@@ -22,7 +21,7 @@ def test_num_seeds_gives_each_seed_the_single_seed_run(tmp_path, seeds_per_vmap)
   """Seed i of a num_seeds=3 run equals a single-seed run with seed config.seed + i
   (own initialisation, own data order), up to the numerics of batched convolutions; whether
   the seeds are vectorised together (3), looped (1) or both (2: a vmap of 2, then 1)."""
-  data_dir = test_data_support.fashion_data_dir()
+  data_dir = helpers.small_fashion_data_dir()
   multi = train_run(quick_config(data_dir, steps=4, num_seeds=3, seed=5,
                                  seeds_per_vmap=seeds_per_vmap), str(tmp_path / "multi"))
   assert multi["num_seeds"] == 3 and len(multi["seeds"]) == 3
@@ -44,7 +43,7 @@ def test_multi_seed_run_resumes_every_seed(tmp_path):
   """A multi-seed distillation run stopped after its step-3 checkpoint and restarted in the
   same workdir ends with the parameters, data position and evaluations of an uninterrupted
   run, for every seed."""
-  data_dir = test_data_support.fashion_data_dir()
+  data_dir = helpers.small_fashion_data_dir()
   teacher_dir = str(tmp_path / "teacher")
   train_run(quick_config(data_dir, model="quick_teacher", steps=3), teacher_dir)
   config = lambda steps: quick_config(
@@ -71,7 +70,7 @@ def test_seeds_per_vmap_is_validated():
 
 def test_bfloat16_training_is_finite_and_learns(tmp_path):
   """bf16 compute (parameters, BN statistics and loss math stay float32) on real data."""
-  data_dir = test_data_support.fashion_data_dir()
+  data_dir = helpers.fashion_data_dir()
   c = quick_config(data_dir, steps=120, batch=64, dtype="bfloat16")
   c.log_every_steps = 20
   summary = train_run(c, str(tmp_path))

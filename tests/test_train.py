@@ -1,10 +1,11 @@
 """The trainer and its command line: modes, methods, resume, devices, hosts, errors.
 
-Real Fashion-MNIST (Debian's files, prepared once per session) and tfds mock data; tiny
-models and a few steps, except the one real-learning test.
+Most tests run on a small Fashion-MNIST-format dataset the test session writes (so they never
+skip); the real-learning test and the quickstart use the real Fashion-MNIST, and CI requires
+it. Tiny models and a few steps.
 """
 
-import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -18,115 +19,50 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import test_data_support
+import helpers
 from jaxkd import config as jconfig
 from jaxkd import checkpoint
 from jaxkd import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import (REPO, assert_trees_equal, cli, count_compilations, load_params, quick_config,
+                     read_metrics, run_cli_config, train_run)
 
 
 @pytest.fixture(scope="session")
 def fmnist_dir():
-  """The real tfds fashion_mnist built once per session from Debian's files."""
-  return test_data_support.fashion_data_dir()
+  """The real tfds fashion_mnist, prepared once per session."""
+  return helpers.fashion_data_dir()
 
 
-def quick_config(data_dir, *, mode="teacher", method="ce", steps=6, batch=32, **overrides):
-  c = jconfig.default_config()
-  jconfig.apply_method(c, method)
-  c.mode = mode
-  c.dataset.name = "fashion_mnist"
-  c.dataset.data_dir = data_dir
-  c.model = "quick_student"
-  c.teacher.model = "quick_teacher"
-  c.batch_size = batch
-  c.eval_batch_size = 1000
-  c.num_epochs = 1
-  c.max_steps = steps
-  c.log_every_steps = 1
-  c.checkpoint.every_steps = 3
-  c.progress_bar = False
-  c.optimizer.milestones = ()
-  c.optimizer.schedule = "cosine"
-  c.optimizer.nesterov = True
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
-
-
-def train_run(config, workdir, devices=None):
-  """In-process runs use 2 of the 8 virtual devices: XLA's CPU collectives over all 8 can
-  starve each other's rendezvous on a 2-core machine once earlier tests left threads behind;
-  the 8-device comparison runs in fresh subprocesses instead."""
-  return train.train_and_evaluate(config, workdir, devices=devices or jax.devices()[:2])
-
-
-def read_metrics(workdir, prefix="train/loss"):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [(r["step"], r[prefix]) for r in rows if prefix in r]
-
-
-def load_params(workdir):
-  variables, _ = checkpoint.restore_model_variables(os.path.join(workdir, "model"))
-  return variables
-
-
-def assert_trees_equal(a, b, **tol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    if tol:
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
-    else:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@contextlib.contextmanager
-def count_compilations(fragment):
-  """Collects the names of the functions XLA compiles in the block whose name holds
-  `fragment` (compilations, not cache hits: jax reports each backend compile)."""
-  names = []
-
-  def listener(event, duration, **kwargs):
-    del duration
-    name = str(kwargs.get("fun_name", ""))
-    if event == "/jax/core/compile/backend_compile_duration" and fragment in name:
-      names.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+@pytest.fixture(scope="session")
+def small_dir():
+  """A small fashion_mnist-format dataset (1,000 train / 500 test images) the session wrote."""
+  return helpers.small_fashion_data_dir()
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(fmnist_dir, tmp_path_factory):
+def teacher_dir(small_dir, tmp_path_factory):
   """A quick teacher trained for a few steps (its quality does not matter here)."""
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  c = quick_config(fmnist_dir, model="quick_teacher", steps=4)
+  c = quick_config(small_dir, model="quick_teacher", steps=4)
   train_run(c, workdir)
   return os.path.join(workdir, "model")
 
 
 @pytest.mark.parametrize("mode,method", [
     ("distill", "erdkd"), ("distill", "ipwd"), ("self_distill", "kd"), ("self_distill", "ipwd")])
-def test_modes_and_methods_run(fmnist_dir, teacher_dir, tmp_path, mode, method):
+def test_modes_and_methods_run(small_dir, teacher_dir, tmp_path, mode, method):
   """The quickstart smoke covers teacher and distill with ce/kd/erkd/eakd/ipwd/dkd; these are
   the rest (ER-DKD, PS-KD, PS-KD + IPW), with IPWD's head checked too."""
-  c = quick_config(fmnist_dir, mode=mode, method=method, **{"teacher.checkpoint": teacher_dir})
+  c = quick_config(small_dir, mode=mode, method=method, **{"teacher.checkpoint": teacher_dir})
   if mode == "self_distill":
     c.self_distill.ipw_start_epoch = 1
   with count_compilations("train_step") as compiled:
     summary = train_run(c, str(tmp_path))
   # Six steps, one program: nothing in the loop (a Python scalar, a changed sharding or dtype
   # of the state) makes XLA compile the step again.
-  assert compiled == ["jit(train_step)"], compiled
-  assert summary["steps"] == 6 and 0 <= summary["last_top1"] <= 100
+  assert compiled == ["jit(seeds_train_step)"], compiled
+  assert summary["steps"] == 6 and summary["last"]["count"] == 500
   losses = read_metrics(str(tmp_path))
   assert len(losses) == 6 and all(np.isfinite(v) for _, v in losses)
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -134,18 +70,18 @@ def test_modes_and_methods_run(fmnist_dir, teacher_dir, tmp_path, mode, method):
     assert any("train/weight_mean" in r for r in rows)
     assert any("train/aux_ce" in r for r in rows)
   if mode == "distill":
-    assert summary["teacher"]["count"] == 10_000
+    assert summary["teacher"]["count"] == 500
+    assert 0 < summary["teacher"]["top1"] <= 100
   last = json.load(open(tmp_path / "eval_last.json"))
   assert len(last["per_class_recall"]) == 10
 
 
 def test_cifar100_mock_data_through_the_cifar_config(tmp_path):
   """A CIFAR preset on tfds mock data: the device-resident path with pad-crop-flip."""
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  try:
-    import cifar100 as cifar_config
-  finally:
-    sys.path.pop(0)
+  spec = importlib.util.spec_from_file_location(
+      "cifar100_config", os.path.join(REPO, "configs", "cifar100.py"))
+  cifar_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cifar_config)
   c = cifar_config.get_config("resnet8,smoke")
   c.eval_batch_size = 64
   with tfds.testing.mock_data(num_examples=128):
@@ -154,25 +90,25 @@ def test_cifar100_mock_data_through_the_cifar_config(tmp_path):
   assert json.load(open(tmp_path / "run_info.json"))["device_resident_input"] is True
 
 
-def test_host_pipeline_matches_device_path(fmnist_dir, tmp_path):
+def test_host_pipeline_matches_device_path(small_dir, tmp_path):
   """The same run fed by the grain host pipeline and by the device-resident path: the
   batches are identical by construction, so the losses agree."""
   runs = {}
   for source in ("host", "device"):
-    c = quick_config(fmnist_dir, steps=4, **{"dataset.input": source})
+    c = quick_config(small_dir, steps=4, **{"dataset.input": source})
     train_run(c, str(tmp_path / source))
     runs[source] = read_metrics(str(tmp_path / source))
   np.testing.assert_allclose([v for _, v in runs["host"]], [v for _, v in runs["device"]],
                              rtol=1e-5)
 
 
-def test_one_device_and_eight_devices_agree(fmnist_dir, tmp_path):
+def test_one_device_and_eight_devices_agree(small_dir, tmp_path):
   """The same run (fresh processes) on 1 and on 8 virtual devices: the same losses and
   parameters within float tolerance."""
   runs = {}
   for n in (1, 8):
     workdir = str(tmp_path / f"dev{n}")
-    result = cli(run_cli_config(workdir, fmnist_dir, 5),
+    result = cli(run_cli_config(workdir, small_dir, 5),
                  env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs[n] = os.path.join(workdir, "teacher")
@@ -192,28 +128,25 @@ def test_real_learning_quick_teacher_one_epoch(fmnist_dir, tmp_path):
   assert summary["last_top1"] >= 85.0, summary["last_top1"]
 
 
-def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fmnist_dir, tmp_path):
-  c = quick_config(fmnist_dir, steps=12, **{"optimizer.lr": 1e12, "optimizer.momentum": 0.0})
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(small_dir, tmp_path):
+  """Three good steps leave a checkpoint; resumed with an absurd learning rate the run
+  diverges, stops naming the step and the last good checkpoint, and that checkpoint (and
+  every later one it wrote) holds only finite numbers."""
+  train_run(quick_config(small_dir, steps=3), str(tmp_path))
+  c = quick_config(small_dir, steps=12, **{"optimizer.lr": 1e12})
   c.checkpoint.every_steps = 1
   with pytest.raises(train.TrainingDiverged, match=r"NaN or inf at step \d+") as info:
     train_run(c, str(tmp_path))
-  message = str(info.value)
   mngr = checkpoint.run_manager(str(tmp_path / "checkpoints"))
   last = mngr.latest_step()
-  if last is not None:
-    assert f"checkpoints/{last}" in message
-    state = train.Experiment(c, str(tmp_path), jax.devices()[:2]).init_state()
-    restored, _ = checkpoint.restore_run(mngr, last, state)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
+  assert last is not None and last >= 3
+  assert f"checkpoints/{last}" in str(info.value)
+  state = train.Experiment(jconfig.resolve(c), jax.devices()[:2]).init_state()
+  restored, _ = checkpoint.restore_run(mngr, last, state)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
 
 
 # --- subprocesses: the CLI, resume after SIGKILL, two hosts ---------------------------------
-
-
-def cli(args, env=None, **kwargs):
-  full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-  return subprocess.run([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, **kwargs)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -238,22 +171,14 @@ def test_cli_rejects_bad_configs_with_exit_code_2(tmp_path, overrides, message):
   assert not os.path.exists(tmp_path / "never-created")
 
 
-def run_cli_config(workdir, data_dir, steps, extra=()):
-  return ["--config", os.path.join(REPO, "configs", "quickstart.py"),
-          "--workdir", workdir, f"--config.dataset.data_dir={data_dir}",
-          "--config.suite=('teacher',)", f"--config.max_steps={steps}",
-          "--config.checkpoint.every_steps=2", "--config.progress_bar=False",
-          "--config.log_every_steps=1", "--config.batch_size=32", *extra]
-
-
-def test_resume_after_sigkill_matches_an_uninterrupted_run(fmnist_dir, tmp_path):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(small_dir, tmp_path):
   steps = 40
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  full = cli(run_cli_config(str(tmp_path / "full"), fmnist_dir, steps), env=env, timeout=600)
+  full = cli(run_cli_config(str(tmp_path / "full"), small_dir, steps), env=env, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
 
   workdir = str(tmp_path / "killed")
-  args = run_cli_config(workdir, fmnist_dir, steps)
+  args = run_cli_config(workdir, small_dir, steps)
   proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -346,26 +271,24 @@ def run_two_processes(workdir, data_dir, steps, timeout):
       p.kill()
 
 
-def test_two_processes_agree_with_one(fmnist_dir, tmp_path):
+def test_two_processes_agree_with_one(small_dir, tmp_path):
   """Two processes on localhost (one CPU device each, Gloo between them) train a few steps
   like one process with 8 devices: the same global batches, the same losses.
 
-  XLA:CPU (jax 0.10.2) now and then leaves one device's part of an evaluation program's
-  collective unstarted (gdb: xla::Semaphore::Acquire in CpuPjRtRawLoadedExecutable::Execute)
-  while the others wait in it: in one process it aborts after 40 s ("Termination timeout"),
-  across processes with Gloo it hangs; more often with several CPU devices per process and
-  with few devices per core. So: one device per process, and a run that XLA aborts or that
-  hangs is retried (nothing of jaxkd's runs in those threads)."""
+  XLA:CPU now and then aborts ("Termination timeout") or hangs in a collective of an
+  evaluation program, more often with several CPU devices per process
+  (docs/NOTES.md#xlacpu-collective-hangs). So: one device per process, and a run that XLA
+  aborts or that hangs is retried; nothing of jaxkd's runs in those threads."""
   steps = 4
   for attempt in range(3):
     single_dir = str(tmp_path / f"single{attempt}")
-    single = cli(run_cli_config(single_dir, fmnist_dir, steps), timeout=600)
+    single = cli(run_cli_config(single_dir, small_dir, steps), timeout=600)
     if "Termination timeout" not in single.stderr:
       break
   assert single.returncode == 0, single.stderr[-3000:]
   for attempt in range(3):  # a run takes ~35 s on 2 cores
     workdir = str(tmp_path / f"multi{attempt}")
-    results = run_two_processes(workdir, fmnist_dir, steps, timeout=180)
+    results = run_two_processes(workdir, small_dir, steps, timeout=180)
     if results is not None and not any("Termination timeout" in err for _, err in results):
       break
   assert results is not None, "two processes hung three times"
@@ -386,4 +309,5 @@ def test_quickstart_smoke_end_to_end(fmnist_dir, tmp_path):
   rows = json.load(open(tmp_path / "summary.json"))
   assert [r["run"] for r in rows] == ["teacher", "ce", "kd", "erkd", "eakd", "ipwd", "dkd"]
   assert "| teacher | quick_teacher | ce |" in result.stdout
-  assert all(0 <= r["best_top1"] <= 100 for r in rows)
+  # Six steps of a 94k-parameter teacher on real data already beat chance (10%) clearly.
+  assert all(15 <= r["best_top1"] <= 100 for r in rows), rows
