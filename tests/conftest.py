@@ -16,7 +16,3 @@ import jax  # noqa: E402  (must come after the environment above)
 # jaxkd computes in float32; float64 is switched on only inside reference code that asks
 # for it explicitly with numpy, so JAX's default dtype stays float32 here.
 assert jax.device_count() == 8, f"expected 8 virtual CPU devices, got {jax.devices()}"
-
-# Several programs with collectives running at once on virtual CPU devices can deadlock XLA's
-# shared thread pool; one program at a time (docs/NOTES.md#xlacpu-collective-hangs).
-jax.config.update("jax_cpu_enable_async_dispatch", False)
