@@ -32,6 +32,7 @@ from jaxkd import config as jconfig
 from jaxkd import train
 from jaxkd.data import builders
 from jaxkd.data import datasets
+from jaxkd.data import raw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,7 @@ _REAL_FASHION = {}  # the session's one outcome: (data_dir, seconds) or the fail
 def _real_fashion() -> tuple[str, float]:
   """Prepared once, as `python -m jaxkd.main` would: from Debian's files; in CI also by
   installing the package or downloading (`ensure_prepared`), so CI checks that path too."""
-  if not in_ci() and builders.debian_fashion_mnist_files() is None:
+  if not in_ci() and raw.debian_fashion_mnist_files() is None:
     pytest.skip("Debian package dataset-fashion-mnist is not installed (apt-get install -y "
                 "dataset-fashion-mnist); the real Fashion-MNIST tests need its files. "
                 "With CI=true, these tests install it or fail.")
@@ -86,7 +87,7 @@ def fashion_build_seconds() -> float:
 
 def debian_fashion_files_or_skip() -> dict[str, str]:
   """The Debian package's IDX files; skip without them, except in CI, where they must be."""
-  files = builders.debian_fashion_mnist_files()
+  files = raw.debian_fashion_mnist_files()
   if files is None:
     msg = ("Debian package dataset-fashion-mnist is not installed (apt-get install -y "
            "dataset-fashion-mnist); the real Fashion-MNIST tests need its files.")
@@ -129,13 +130,13 @@ def idx_bytes(arr: np.ndarray) -> bytes:
 def write_fashion_idx(directory: str, n_train: int = 1000, n_test: int = 500, seed: int = 0,
                       gz: bool = True) -> dict[str, np.ndarray]:
   """Writes the four Fashion-MNIST IDX files (named as the release names them) of
-  `fashion_like_arrays` into `directory`; returns the arrays by `builders._IDX_FILES` key."""
+  `fashion_like_arrays` into `directory`; returns the arrays by `raw.IDX_FILES` key."""
   os.makedirs(directory, exist_ok=True)
   x_train, y_train = fashion_like_arrays(n_train, seed)
   x_test, y_test = fashion_like_arrays(n_test, seed + 1)
   arrays = {"train_images": x_train, "train_labels": y_train,
             "test_images": x_test, "test_labels": y_test}
-  for key, stem in builders._IDX_FILES.items():  # pylint: disable=protected-access
+  for key, stem in raw.IDX_FILES.items():
     data = idx_bytes(arrays[key])
     with open(os.path.join(directory, stem + (".gz" if gz else "")), "wb") as f:
       f.write(gzip.compress(data, mtime=0) if gz else data)

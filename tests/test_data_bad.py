@@ -9,8 +9,8 @@ import pytest
 
 import helpers
 import jaxkd.data as jd
-from jaxkd.data import builders
 from jaxkd.data import datasets
+from jaxkd.data import raw
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +111,11 @@ def test_bad_raw_files_are_named(tmp_path):
   good = tmp_path / "train-images-idx3-ubyte"
   good.write_bytes(bytes([0, 0, 8, 3]) + np.asarray([2, 28, 28], ">u4").tobytes()
                    + bytes(2 * 28 * 28))
-  assert builders.read_idx(str(good)).shape == (2, 28, 28)
+  assert raw.read_idx(str(good)).shape == (2, 28, 28)
   short = tmp_path / "short-idx"
   short.write_bytes(good.read_bytes()[:-10])
   with pytest.raises(jd.BadDataError, match=f"IDX file {short} .* truncated"):
-    builders.read_idx(str(short))
+    raw.read_idx(str(short))
   archive = tmp_path / "cifar-100-python.tar.gz"
   helpers.write_cifar100_python(helpers.fake_cifar100(10, 10), str(archive))
   cut = tmp_path / "cut" / "cifar-100-python.tar.gz"

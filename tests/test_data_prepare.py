@@ -21,6 +21,7 @@ import helpers
 import jaxkd.data as jd
 from jaxkd.data import builders
 from jaxkd.data import datasets
+from jaxkd.data import raw
 
 
 def test_no_tensorflow_anywhere():
@@ -43,8 +44,8 @@ def test_fashion_mnist_from_debian_equals_idx_files():
   assert builder.info.file_format.value == "array_record"
   assert builder.info.features["label"].names[0] == "T-shirt/top"
   for split in ("train", "test"):
-    raw_x = builders.read_idx(files[f"{split}_images"])
-    raw_y = builders.read_idx(files[f"{split}_labels"]).astype(np.int32)
+    raw_x = raw.read_idx(files[f"{split}_images"])
+    raw_y = raw.read_idx(files[f"{split}_labels"]).astype(np.int32)
     got = jd.load_arrays("fashion_mnist", split, data_dir)
     assert got["image"].shape == (len(raw_y), 28, 28, 1)
     np.testing.assert_array_equal(got["index"], np.arange(len(raw_y)))
@@ -137,8 +138,8 @@ def machine(monkeypatch, tmp_path):
     return ok
 
   monkeypatch.setattr(builders, "_run", run)
-  monkeypatch.setattr(builders, "debian_fashion_mnist_files",
-                      lambda: builders.find_idx_files(m.pkg) if os.path.isdir(m.pkg) else None)
+  monkeypatch.setattr(raw, "debian_fashion_mnist_files",
+                      lambda: raw.find_idx_files(m.pkg) if os.path.isdir(m.pkg) else None)
   monkeypatch.setattr(builders, "online", lambda url, timeout=3.0: m.online)
   real_which = builders.shutil.which
   monkeypatch.setattr(builders.shutil, "which", lambda cmd: (

@@ -11,10 +11,17 @@ the mesh's 'data' axis, from the device-resident or the host path alike:
                              device_resident=True)    # for batch in evals: [B, ...] + mask
 
 `ensure_prepared(name, data_dir)` gets a dataset ready first (`python -m
-jaxkd.data.prepare` does it by hand). The modules, from the rules up: `sampling` (which
-examples form each batch), `augment`, `long_tail`, `datasets` (specs, reading splits),
-`builders` / `prepare`, `host` and `device` (one seed's pipeline), `multiseed` (several
-seeds stacked), `loader`. See docs/DESIGN.md#data.
+jaxkd.data.prepare` does it by hand). Fashion-MNIST it builds from the files of Debian's
+`dataset-fashion-mnist`; when that package is missing, it installs it with `apt-get` if we
+are root or `sudo -n` works (`JAXKD_NO_APT=1` opts out), else downloads it when the
+download host answers, else fails within seconds naming the commands that fix it. Other
+datasets it never fetches: it names the `prepare` command. See
+docs/ENVIRONMENT.md#getting-the-datasets.
+
+The modules, from the rules up: `sampling` (which examples form each batch), `augment`,
+`long_tail`, `datasets` (specs, reading splits), `raw` (the official raw formats),
+`builders` / `prepare` (writing tfds datasets), `host` and `device` (one seed's pipeline),
+`multiseed` (several seeds stacked), `loader`. See docs/DESIGN.md#data.
 """
 
 from jaxkd.data.augment import augment_batch

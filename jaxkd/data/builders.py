@@ -2,8 +2,8 @@
 
 Each builder here subclasses tfds's own (`FashionMNIST`, `Cifar100`, imagenet2012's
 `Builder`), keeps its registered name, version and features, and replaces only what reads
-the raw files, which tfds does with `tf.io.gfile` / TensorFlow ops: here plain Python
-(gzip, tarfile, numpy, a restricted unpickler, PIL). What gets written is exactly what
+the raw files, which tfds does with `tf.io.gfile` / TensorFlow ops: here `raw`'s plain
+Python readers, and PIL for the images. What gets written is exactly what
 `tfds.data_source(name, data_dir=...)` reads with tfds's registered builder.
 
 Where the raw files come from (docs/ENVIRONMENT.md#getting-the-datasets):
@@ -18,10 +18,8 @@ Where the raw files come from (docs/ENVIRONMENT.md#getting-the-datasets):
   behind the user's back: it names the `prepare` command instead.
 """
 
-import gzip
 import io
 import os
-import pickle
 import shutil
 import socket
 import subprocess
@@ -29,61 +27,13 @@ import sys
 import tarfile
 import threading
 import urllib.parse
-from typing import Iterator
-
-import numpy as np
 
 from jaxkd.data import datasets
+from jaxkd.data import raw
 
 # ------------------------------------------------------------------------------------------
-# Raw file readers (plain Python).
+# Debian's package, apt-get, the network.
 # ------------------------------------------------------------------------------------------
-
-_IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def read_idx(path: str) -> np.ndarray:
-  """An IDX file (LeCun's MNIST format, optionally gzipped) as a uint8 array.
-
-  Header: two zero bytes, a type byte (0x08 = uint8), the number of dimensions, then one
-  big-endian uint32 size per dimension.
-  """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    if data[:2] == b"\x1f\x8b":  # gzip's magic number (tfds names downloads its own way)
-      data = gzip.decompress(data)
-  except (OSError, EOFError) as e:
-    raise datasets.BadDataError(f"Cannot read IDX file {path}: {e}") from e
-  if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-    raise datasets.BadDataError(f"{path} is not a uint8 IDX file (header {data[:4]!r}).")
-  ndim = data[3]
-  shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-  offset = 4 + 4 * ndim
-  if len(data) - offset != int(np.prod(shape)):
-    raise datasets.BadDataError(f"IDX file {path} holds {len(data) - offset} bytes of data "
-                                f"for shape {shape}; it is truncated or corrupted.")
-  return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
-
-
-def debian_fashion_mnist_files() -> dict[str, str] | None:
-  """The IDX files of Debian's `dataset-fashion-mnist` package, found with `dpkg -L`."""
-  try:
-    out = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True,
-                         text=True, timeout=10, check=False).stdout
-  except (OSError, subprocess.SubprocessError):
-    return None
-  by_name = {os.path.basename(p): p for p in out.split() if p.endswith("-ubyte.gz")}
-  files = {k: by_name.get(v + ".gz") for k, v in _IDX_FILES.items()}
-  if not all(files.values()) or not all(os.path.exists(p) for p in files.values()):
-    return None
-  return files
-
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 NO_APT_ENV = "JAXKD_NO_APT"  # set (not "0" or empty): never install the package by itself
@@ -136,124 +86,6 @@ def install_debian_fashion_mnist() -> str:
   return ""
 
 
-def find_idx_files(directory: str) -> dict[str, str] | None:
-  """The four Fashion-MNIST IDX files in `directory` (gzipped or not), or None."""
-  files = {}
-  for key, stem in _IDX_FILES.items():
-    for candidate in (stem + ".gz", stem):
-      if os.path.exists(os.path.join(directory, candidate)):
-        files[key] = os.path.join(directory, candidate)
-        break
-  return files if len(files) == len(_IDX_FILES) else None
-
-
-class _CifarUnpickler(pickle.Unpickler):
-  """Unpickles CIFAR's python batches (dicts of lists, bytes and numpy arrays) and nothing
-  else: pickle can run arbitrary code, and the archive comes from outside."""
-
-  # The official batches are Python 2 pickles; a Python 3 protocol-2 re-pickle spells
-  # bytes with _codecs.encode.
-  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
-              ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-              ("numpy", "dtype"), ("_codecs", "encode")}
-
-  def find_class(self, module, name):
-    if (module, name) in self._ALLOWED:
-      return super().find_class(module, name)
-    raise pickle.UnpicklingError(f"CIFAR archive refers to {module}.{name}, which a CIFAR "
-                                 "batch never does.")
-
-
-def _cifar_python(members: dict[str, bytes], path: str) -> dict:
-  """Arrays of the python-version archive (`cifar-100-python/{train,test,meta}`)."""
-  out = {}
-  meta = _CifarUnpickler(io.BytesIO(members["meta"]), encoding="bytes").load()
-  out["fine_names"] = [n.decode() for n in meta[b"fine_label_names"]]
-  out["coarse_names"] = [n.decode() for n in meta[b"coarse_label_names"]]
-  for split in ("train", "test"):
-    d = _CifarUnpickler(io.BytesIO(members[split]), encoding="bytes").load()
-    data = np.asarray(d[b"data"], np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-      raise datasets.BadDataError(f"{path}: '{split}' data has shape {data.shape}; "
-                                  "expected (N, 3072).")
-    out[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
-                  np.asarray(d[b"fine_labels"], np.int64),
-                  np.asarray(d[b"coarse_labels"], np.int64))
-  return out
-
-
-def _cifar_binary(members: dict[str, bytes], path: str) -> dict:
-  """Arrays of the binary-version archive: records of <coarse><fine><3072 bytes CHW>."""
-  out = {"fine_names": members["fine_label_names.txt"].decode().split(),
-         "coarse_names": members["coarse_label_names.txt"].decode().split()}
-  for split in ("train", "test"):
-    raw = np.frombuffer(members[split + ".bin"], np.uint8)
-    if raw.size % 3074:
-      raise datasets.BadDataError(f"{path}: {split}.bin has {raw.size} bytes, not a "
-                                  "multiple of 3074; it is truncated.")
-    rec = raw.reshape(-1, 3074)
-    out[split] = (rec[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
-                  rec[:, 1].astype(np.int64), rec[:, 0].astype(np.int64))
-  return out
-
-
-_CIFAR_PYTHON = ("train", "test", "meta")
-_CIFAR_BINARY = ("train.bin", "test.bin", "fine_label_names.txt", "coarse_label_names.txt")
-
-
-def read_cifar100(path: str) -> dict:
-  """CIFAR-100 from the python or binary archive (a .tar.gz, or its extracted folder).
-
-  Returns:
-    {'train': (images uint8 [N,32,32,3], fine int [N], coarse int [N]), 'test': (...),
-     'fine_names': [100 str], 'coarse_names': [20 str]}, in the archive's record order
-    (the order tfds's ids `train_00000`... follow; both archives of the release hold the
-    images in the same order).
-  """
-  members = {}
-  try:
-    if os.path.isdir(path):
-      for root, _, names in os.walk(path):
-        for n in names:
-          if n in _CIFAR_PYTHON + _CIFAR_BINARY:
-            with open(os.path.join(root, n), "rb") as f:
-              members[n] = f.read()
-    else:
-      with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-          n = os.path.basename(m.name)
-          if m.isfile() and n in _CIFAR_PYTHON + _CIFAR_BINARY:
-            members[n] = tar.extractfile(m).read()
-  except (OSError, tarfile.TarError, EOFError) as e:
-    raise datasets.BadDataError(f"Cannot read CIFAR-100 archive {path}: {e}") from e
-  try:
-    if all(k in members for k in _CIFAR_PYTHON):
-      return _cifar_python(members, path)
-    if all(k in members for k in _CIFAR_BINARY):
-      return _cifar_binary(members, path)
-  except (KeyError, pickle.UnpicklingError, EOFError, ValueError) as e:
-    raise datasets.BadDataError(f"CIFAR-100 archive {path} is corrupted: {e}") from e
-  raise datasets.BadDataError(
-      f"{path} holds neither the CIFAR-100 python version ({', '.join(_CIFAR_PYTHON)}) nor "
-      f"the binary version ({', '.join(_CIFAR_BINARY)}); found {sorted(members) or 'none'}.")
-
-
-def find_cifar100_archive(directory: str) -> str | None:
-  for name in ("cifar-100-python.tar.gz", "cifar-100-binary.tar.gz", "cifar-100-python",
-               "cifar-100-binary"):
-    if os.path.exists(os.path.join(directory, name)):
-      return os.path.join(directory, name)
-  return None
-
-
-def _iter_tar(path: str) -> Iterator[tuple[str, io.BufferedReader]]:
-  """(name, file object) of each file of a tar, streamed (tfds's reader opens it with TF)."""
-  with tarfile.open(path, "r|*") as tar:
-    for m in tar:
-      if m.isfile():
-        yield os.path.basename(m.name), tar.extractfile(m)
-
-
 def online(url: str | None, timeout: float = 3.0) -> bool:
   """Whether the host of `url` accepts a TCP connection within `timeout` seconds.
 
@@ -298,13 +130,13 @@ def _builder_classes():
     def _split_generators(self, dl_manager):
       files = self.idx_files
       if files is None:  # tfds downloads the .gz files (from `URL`); no extraction needed
-        files = dl_manager.download({k: self.URL + v + ".gz" for k, v in _IDX_FILES.items()})
+        files = dl_manager.download({k: self.URL + v + ".gz" for k, v in raw.IDX_FILES.items()})
         files = {k: os.fspath(v) for k, v in files.items()}
       return {"train": self._examples(files["train_images"], files["train_labels"]),
               "test": self._examples(files["test_images"], files["test_labels"])}
 
     def _examples(self, images_path, labels_path):
-      images, labels = read_idx(images_path), read_idx(labels_path)
+      images, labels = raw.read_idx(images_path), raw.read_idx(labels_path)
       if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise datasets.BadDataError(f"{images_path} / {labels_path}: images {images.shape} "
                                     f"and labels {labels.shape} are not a 28x28 dataset.")
@@ -319,7 +151,7 @@ def _builder_classes():
 
     def _split_generators(self, dl_manager):
       path = self.archive or os.fspath(dl_manager.download(self._cifar_info.url))
-      data = read_cifar100(path)
+      data = raw.read_cifar100(path)
       self.info.features["label"].names = data["fine_names"]
       self.info.features["coarse_label"].names = data["coarse_names"]
       return {"train": self._examples("train_", *data["train"]),
@@ -346,7 +178,7 @@ def _builder_classes():
         path = os.path.join(manual, fname)
         if not os.path.exists(path):
           continue
-        kwargs = {"archive": _iter_tar(path)}
+        kwargs = {"archive": raw.iter_tar(path)}
         if split == "validation":
           kwargs["validation_labels"] = _validation_labels(path)
         if split == "test":
@@ -421,16 +253,16 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   local = None
   if name == "fashion_mnist":
     if manual_dir:
-      local = find_idx_files(manual_dir)
+      local = raw.find_idx_files(manual_dir)
       looked.append(manual_dir)
     else:
-      local = debian_fashion_mnist_files()
+      local = raw.debian_fashion_mnist_files()
       looked.append("Debian package dataset-fashion-mnist (dpkg -L)")
     builder.idx_files = local
     builder.URL = ds_spec.download_url  # tfds's own URL; the spec is the one place it is set
   elif name == "cifar100":
     if manual_dir:
-      local = find_cifar100_archive(manual_dir)
+      local = raw.find_cifar100_archive(manual_dir)
       looked.append(manual_dir)
     builder.archive = local
   elif name == "imagenet2012":
@@ -496,12 +328,12 @@ def ensure_prepared(name: str, data_dir: str | None = None) -> str:
   if name != "fashion_mnist":
     raise datasets.DatasetNotFoundError(datasets.not_prepared_message(name, data_dir))
   reasons = []
-  if debian_fashion_mnist_files() is None:
+  if raw.debian_fashion_mnist_files() is None:
     why = install_debian_fashion_mnist()
     if why:
       reasons.append(f"Debian's {DEBIAN_PACKAGE} is not installed, and jaxkd did not "
                      f"install it: {why}.")
-  if debian_fashion_mnist_files() is not None:
+  if raw.debian_fashion_mnist_files() is not None:
     prepare(name, data_dir, download=False)
     return data_dir
   host = urllib.parse.urlparse(ds_spec.download_url).hostname
