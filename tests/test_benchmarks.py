@@ -1,8 +1,10 @@
 """The benchmark scripts run end to end on tiny settings (their figures are not checked here:
-timings never enter a test) and write well-formed results."""
+timings never enter a test) and write well-formed results; none of them is named like a
+jaxkd module."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_script(name, *args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device
   result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -25,8 +27,20 @@ def only_file(directory, prefix, suffix):
   return os.path.join(directory, files[0])
 
 
+def test_no_benchmark_module_is_named_like_a_jaxkd_module():
+  # The scripts run with benchmarks/ first on sys.path: a benchmarks/losses.py would stand
+  # in for every top-level `import losses` there, and beside jaxkd.losses for a reader.
+  jaxkd_names = {p.stem for p in pathlib.Path(REPO, "jaxkd").rglob("*.py")}
+  jaxkd_names |= {p.name for p in pathlib.Path(REPO, "jaxkd").rglob("*") if p.is_dir()}
+  jaxkd_names.add("jaxkd")
+  scripts = sorted(p.stem for p in pathlib.Path(REPO, "benchmarks").glob("*.py"))
+  assert scripts and all(name.startswith("bench_") for name in scripts), scripts
+  assert not jaxkd_names & set(scripts)
+  assert not pathlib.Path(REPO, "benchmarks", "__init__.py").exists()
+
+
 def test_train_step_benchmark_with_torch_baseline_and_seed_strategies(tmp_path):
-  run_script("train_step.py", "--pairs", "resnet56-resnet20", "--batch", "4",
+  run_script("bench_train_step.py", "--pairs", "resnet56-resnet20", "--batch", "4",
              "--objectives", "kd,ipwd", "--seeds", "1,2", "--seeds-per-vmap", "0,1",
              "--repeats", "2", "--warmup", "1", "--out", str(tmp_path), "--tag", "smoke")
   report = json.load(open(only_file(tmp_path, "train-cpu-", "-smoke.json")))
@@ -42,7 +56,7 @@ def test_train_step_benchmark_with_torch_baseline_and_seed_strategies(tmp_path):
 
 
 def test_profile_step_attributes_time_to_ops_and_phases(tmp_path):
-  out = run_script("profile_step.py", "--pair", "resnet56-resnet20", "--method", "erkd",
+  out = run_script("bench_profile_step.py", "--pair", "resnet56-resnet20", "--method", "erkd",
                    "--batch", "4", "--steps", "1", "--repeats", "1", "--warmup", "1",
                    "--out", str(tmp_path), "--trace-dir", str(tmp_path / "trace"))
   assert "| convolution |" in out and "| teacher |" in out and "| student backward |" in out
@@ -54,8 +68,25 @@ def test_profile_step_attributes_time_to_ops_and_phases(tmp_path):
 
 @pytest.mark.parametrize("torch_baseline", [True, False])
 def test_loss_benchmark(tmp_path, torch_baseline):
-  run_script("losses.py", "--sizes", "1024x100", "--repeats", "2", "--out", str(tmp_path),
+  run_script("bench_losses.py", "--sizes", "1024x100", "--repeats", "2", "--out", str(tmp_path),
              *([] if torch_baseline else ["--no-torch"]))
   rows = json.load(open(only_file(tmp_path, "losses-cpu-", ".json")))["rows"]
   assert {r["objective"] for r in rows} >= {"KD", "ER-KD", "EA-KD", "DKD"}
   assert all((r["torch_ms"] is not None) == torch_baseline for r in rows)
+
+
+def test_against_revision_runs_both_trees_interleaved(tmp_path):
+  # The working tree against itself: the mechanics (each side imports its own tree's jaxkd,
+  # rounds alternate, results written), not the figures.
+  run_script("bench_against_revision.py", "--before", REPO, "--batch", "4", "--rounds", "2",
+             "--repeats", "1", "--warmup", "1", "--tag", "smoke", "--out", str(tmp_path),
+             "--previous", "")
+  report = json.load(open(only_file(tmp_path, "train-step-smoke-cpu-", ".json")))
+  assert [r["order"] for r in report["rounds"]] == [["before", "after"], ["after", "before"]]
+  for r in report["rounds"]:
+    assert r["before"]["finite"] and r["after"]["finite"] and r["after"]["ms"] > 0
+  assert report["meta"]["before_jaxkd"] == report["meta"]["after_jaxkd"] == os.path.join(
+      "jaxkd", "__init__.py")
+  assert len(report["ratio_after_over_before"]["per_round"]) == 2
+  md = open(only_file(tmp_path, "train-step-smoke-cpu-", ".md")).read()
+  assert "| 2 | after |" in md and "after / before, paired within each round" in md

@@ -1,19 +1,19 @@
 """Where a training step's time goes: XLA's compiled step, op by op, and a profiler trace.
 
-Compiles the same jaxkd step as benchmarks/train_step.py, then
+Compiles the same jaxkd step as benchmarks/bench_train_step.py, then
   1. takes a census of the optimised HLO: every op XLA will run (fusions, convolutions,
      grouped convolutions, matmuls, layout copies and transposes, collectives, host
      callbacks), each labelled with the phase of the step it belongs to (the named scopes of
-     `train.train_step`: teacher, student forward/backward, aux_head, loss, optimizer,
+     `jaxkd.train.step.train_step`: teacher, student forward/backward, aux_head, loss, optimizer,
      finite_guard);
   2. traces --steps steps with `jax.profiler` and sums the time of every op, by phase and by
      kind of op (XLA:CPU reports each thunk, a GPU each kernel, under its HLO name);
   3. writes the tables to benchmarks/results/profile-<device>.md (one section per run,
      appended) and leaves the raw trace under --trace-dir for TensorBoard or Perfetto.
 
-  python benchmarks/profile_step.py --pair resnet32x4-resnet8x4 --method erkd
-  python benchmarks/profile_step.py --pair resnet56-resnet20 --seeds 5 --seeds-per-vmap 5
-  XLA_FLAGS=--xla_cpu_use_xnnpack=false python benchmarks/profile_step.py --tag no-xnnpack
+  python benchmarks/bench_profile_step.py --pair resnet32x4-resnet8x4 --method erkd
+  python benchmarks/bench_profile_step.py --pair resnet56-resnet20 --seeds 5 --seeds-per-vmap 5
+  XLA_FLAGS=--xla_cpu_use_xnnpack=false python benchmarks/bench_profile_step.py --tag no-xnnpack
 
 Op times from a trace add up the work of concurrently running ops, so their sum can exceed
 the step's wall time on a multi-threaded CPU; the shares are what matters.
@@ -28,21 +28,16 @@ import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-from common import device_name, device_slug  # noqa: E402
-from train_step import OBJECTIVES, PAIRS, jax_step, timed  # noqa: E402
+from bench_common import device_name, device_slug, RESULTS  # noqa: E402
+from bench_train_step import OBJECTIVES, PAIRS, jax_step, timed  # noqa: E402
 
-RESULTS = os.path.join(_HERE, "results")
-
-# The named scopes of train.train_step, most specific first (an op's name holds its scopes).
+# The named scopes of jaxkd.train.step.train_step, most specific first (an op's name holds its scopes).
 PHASES = ("teacher", "aux_head", "loss", "optimizer", "finite_guard", "student")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -272,7 +267,7 @@ def main(argv=None):
   p.add_argument("--top", type=int, default=12)
   p.add_argument("--tag", default="", help="a label for this section (e.g. the XLA flags)")
   p.add_argument("--trace-dir", default="")
-  p.add_argument("--out", default=RESULTS)
+  p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   section = profile(args)
   print(section, flush=True)
@@ -282,7 +277,7 @@ def main(argv=None):
   with open(path, "a") as f:
     if new:
       f.write(f"# Training-step profiles on {device_name()}\n\n"
-              "Written by benchmarks/profile_step.py: where the time of one jaxkd training "
+              "Written by benchmarks/bench_profile_step.py: where the time of one jaxkd training "
               "step goes, by kind of op and by phase of the step.\n\n")
     f.write(section + "\n")
   print("appended to", path)

@@ -1,7 +1,8 @@
 """Model-zoo throughput: Flax (jitted) against the same PyTorch reference, in one run.
 
-  python benchmarks/models.py                        # a representative subset
-  python benchmarks/models.py --models resnet8x4,resnet32x4 --steps 10
+  python benchmarks/bench_models.py                  # a representative subset
+  python benchmarks/bench_models.py --models resnet8x4,resnet32x4 --steps 10
+  python benchmarks/bench_models.py --models MobileNetV2 --steps 10 --tag mobilenetv2
 
 For each model, images/s of
   * forward: eval mode (what a teacher costs in distillation);
@@ -13,7 +14,7 @@ apart). PyTorch runs eager, NCHW and channels_last (and bf16 autocast on CUDA; a
 thread on a CPU, see `torch_variants`); Flax in float32 (and bfloat16 on accelerators). Both
 get the same weights and images.
 
-Results: benchmarks/results/models-<device>.json and .md. The load average of the machine is
+Results: benchmarks/results/models-<device>[-<tag>].json and .md. The load average of the machine is
 recorded too: on a shared CPU other processes change the numbers.
 """
 
@@ -29,7 +30,6 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -37,12 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the PyTorch references live with the tests
-
-from common import device_name, device_slug  # noqa: E402
-import jaxkd.models as models  # noqa: E402
-from jaxkd.models import layers, torch_import  # noqa: E402
+from bench_common import device_name, device_slug, load_torch_models, RESULTS
+import jaxkd.models as models
+from jaxkd.models import layers, torch_import
 
 # The usual CIFAR teacher/student pair, the depthwise and grouped-conv students, an ImageNet
 # ResNet and the quick teacher: about 5 minutes on a shared 2-core CPU.
@@ -164,7 +161,7 @@ def torch_variants(threads: int, nchw: bool) -> list[dict]:
 
 def run(args) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_models  # pylint: disable=g-import-not-at-top
+  torch_models = load_torch_models()
   # XLA's CPU backend flushes denormals to zero; eager PyTorch does not unless asked, and one
   # layer of denormals can make it 10x slower. Same arithmetic for both.
   torch.set_flush_denormal(True)
@@ -264,7 +261,8 @@ def main(argv=None):
   p.add_argument("--torch_threads", type=int, default=os.cpu_count(),
                  help="PyTorch intra-op threads (a one-thread variant is timed too on CPU)")
   p.add_argument("--torch_nchw", action="store_true", help="also time NCHW PyTorch on CPU")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+  p.add_argument("--tag", default="", help="suffix of the result files: models-<device>-<tag>")
+  p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   on_cpu = jax.devices()[0].platform == "cpu"
   args.models = models.available() if args.models == "all" else [
@@ -291,7 +289,8 @@ def main(argv=None):
   }
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = str(out / f"models-{device_slug(report['device'])}")
+  stem = str(out / (f"models-{device_slug(report['device'])}"
+                    + (f"-{args.tag}" if args.tag else "")))
   pathlib.Path(stem + ".json").write_text(json.dumps(report, indent=1) + "\n")
   pathlib.Path(stem + ".md").write_text(markdown(report))
   print(f"wrote {stem}.json and .md in {report['wall_s']} s")

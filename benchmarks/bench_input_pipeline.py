@@ -1,6 +1,6 @@
 """Input pipeline throughput: host pipeline (grain) per worker count, and the device path.
 
-    python benchmarks/input_pipeline.py [--out benchmarks/results] [--quick]
+    python benchmarks/bench_input_pipeline.py [--out benchmarks/results] [--quick]
 
 Measures images/s of
   * the host pipeline on CIFAR-style data (32x32 PNG records: decode, pad-crop-flip,
@@ -11,7 +11,8 @@ Measures images/s of
 from datasets prepared here with jaxkd's own builders (generated archives, array_record).
 Throughput excludes the first batches (worker start-up, compilation; the time to the
 first batch is reported apart).
-Writes benchmarks/results/input-<device>.{json,md}.
+Writes benchmarks/results/input-<device>.{json,md}; the notes compare against the training
+step of benchmarks/results/train-<device>.json (bench_train_step.py) where that file exists.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import functools
 import io
 import json
 import os
+import pathlib
 import platform
 import tempfile
 import time
@@ -79,8 +81,8 @@ def _generate_imagenet(root: str, n: int, seed: int = 0) -> str:
 def _time_iterator(it, batches: int, warmup: int, repeats: int = 3):
   """(seconds to the first batch, [images/s of `repeats` windows of `batches` batches]).
 
-  With grain workers each worker's first batch pays its start-up: warm up past them. This
-  machine is a shared VM, so each figure is the median of consecutive windows.
+  With grain workers each worker's first batch pays its start-up: warm up past them. Other
+  jobs on the machine make single windows vary, so each figure is the median of several.
   """
   t0 = time.perf_counter()
   next(it)
@@ -147,12 +149,13 @@ def bench_device(batches: list[int], steps: int, n: int = 50_000) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import jaxkd.data as jd  # pylint: disable=g-import-not-at-top
+  from jaxkd import sharding as jsharding  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.array(jax.devices()), ("data",))
   rng = np.random.default_rng(0)
   arrays = {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
             "label": rng.integers(0, 100, n).astype(np.int32),
             "index": np.arange(n, dtype=np.int32)}
-  data = jd.place_dataset(arrays, mesh)
+  data = jsharding.put_replicated(arrays, mesh)
   perm = jnp.asarray(jd.epoch_permutation(0, 0, n))
   sharding = NamedSharding(mesh, P("data"))
   rows = []
@@ -177,6 +180,66 @@ def bench_device(batches: list[int], steps: int, n: int = 50_000) -> list[dict]:
                  "first_batch_s": round(first_s, 2)})
     print(rows[-1], flush=True)
   return rows
+
+
+def _step_rates(slug: str) -> tuple[float, float] | None:
+  """(ResNet-20 alone, resnet56->resnet20 KD) training-step images/s at batch 64 from this
+  device's train-step results, or None where they were not measured."""
+  path = pathlib.Path(__file__).resolve().parent / "results" / f"train-{slug}.json"
+  try:
+    rows = json.loads(path.read_text())["rows"]
+  except (OSError, ValueError, KeyError):
+    return None
+  rate = {r["objective"]: r.get("jax_img_s") for r in rows
+          if r.get("pair") == "resnet56-resnet20" and r.get("batch") == 64
+          and r.get("num_seeds") == 1}
+  if not rate.get("CE") or not rate.get("KD"):
+    return None
+  return rate["CE"], rate["KD"]
+
+
+def _notes(results: list[dict], scaling: list[dict], slug: str) -> list[str]:
+  """What the figures mean for the training step they feed."""
+  def best(path, dataset):
+    return max(r["images_per_s"] for r in results
+               if r["path"] == path and r["dataset"] == dataset)
+
+  cifar_host, in_host = best("host", "cifar100"), best("host", "imagenet2012")
+  dev = best("device", "cifar100-shaped")
+  per_proc = {r["dataset"]: r for r in scaling}
+  rates = _step_rates(slug)
+  if rates is None:
+    notes = [f"CIFAR host pipeline, best worker count: {cifar_host:.0f} img/s; device-resident "
+             f"path: {dev:.0f} img/s, which also costs the host nothing per step; "
+             f"ImageNet-style host pipeline (JPEG ~500x375 decode + random-resized-crop 224): "
+             f"{in_host:.0f} img/s (no train-step results for this device to compare with)."]
+  else:
+    ce, kd = rates
+    notes = [
+        f"CIFAR host pipeline, best worker count: {cifar_host:.0f} img/s = "
+        f"{cifar_host / ce:.0f}x the ResNet-20 train step ({ce:.0f} img/s) and "
+        f"{cifar_host / kd:.0f}x the resnet56->resnet20 KD step ({kd:.0f} img/s) on this "
+        f"device (train-{slug}.md, batch 64).",
+        f"Device-resident path: {dev:.0f} img/s = {dev / kd:.0f}x the KD step; it also "
+        "costs the host nothing per step.",
+        f"ImageNet-style host pipeline (JPEG ~500x375 decode + random-resized-crop 224): "
+        f"{in_host:.0f} img/s here, {in_host / kd:.1f}x even the 32x32 CIFAR KD step; a "
+        "224x224 ResNet step on this device is far slower still."]
+  notes.append(
+      "Worker processes on this machine: "
+      + "; ".join(f"{k}: 0/1/2 workers give "
+                  + "/".join(f"{r['images_per_s']:.0f}" for r in results
+                             if r["path"] == "host" and r["dataset"] == k)
+                  + f" img/s; one process building batches alone "
+                  f"{v['one_process_images_per_s']:.0f} img/s, two side by side "
+                  f"{' + '.join(f'{x:.0f}' for x in v['two_processes_images_per_s'])}"
+                  for k, v in per_proc.items())
+      + ". Where two processes side by side do not double one's throughput, decoding does not "
+      "scale with this machine's cores and the in-process figure is the cost of all of them. "
+      "On a GPU host with real cores, if workers scale with cores, feeding a step of S img/s "
+      f"takes about S / {per_proc['imagenet2012']['one_process_images_per_s']:.0f} ImageNet "
+      "workers; normalize=False (uint8 batches) moves 4x fewer bytes to the accelerator.")
+  return notes
 
 
 def _markdown(result: dict) -> str:
@@ -205,7 +268,7 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import jaxkd.data as jd  # pylint: disable=g-import-not-at-top
-  import common  # pylint: disable=g-import-not-at-top  (imports jax: kept out of workers)
+  import bench_common  # pylint: disable=g-import-not-at-top  (imports jax: kept out of workers)
 
   scale = 0.25 if args.quick else 1.0
   results = []
@@ -224,47 +287,17 @@ def main(argv=None):
                                       max(2, int(12 * scale))))
   results += bench_device([64, 512], max(5, int(50 * scale)))
 
-  def best(path, dataset):
-    return max(r["images_per_s"] for r in results
-               if r["path"] == path and r["dataset"] == dataset)
-
-  cifar_host, in_host = best("host", "cifar100"), best("host", "imagenet2012")
-  dev = best("device", "cifar100-shaped")
-  per_proc = {r["dataset"]: r for r in scaling}
-  # The step this feeds, measured on this CPU (docs/ENVIRONMENT.md §4, batch 128):
-  # ResNet-20 train step 186 img/s; KD step (ResNet-56 teacher + ResNet-20) 131 img/s.
-  notes = [
-      f"CIFAR host pipeline, best worker count: {cifar_host:.0f} img/s = "
-      f"{cifar_host / 186:.0f}x the ResNet-20 train step (186 img/s) and "
-      f"{cifar_host / 131:.0f}x the KD step (131 img/s) on this CPU (ENVIRONMENT.md §4).",
-      f"Device-resident path: {dev:.0f} img/s = {dev / 131:.0f}x the KD step; it also "
-      "costs the host nothing per step.",
-      f"ImageNet-style host pipeline (JPEG ~500x375 decode + random-resized-crop 224): "
-      f"{in_host:.0f} img/s here, {in_host / 131:.1f}x even the 32x32 CIFAR KD step; a "
-      "224x224 ResNet step on this CPU is far slower still.",
-      "Worker processes on this 2-vCPU VM: "
-      + "; ".join(f"{k}: 0/1/2 workers give "
-                  + "/".join(f"{r['images_per_s']:.0f}" for r in results
-                             if r["path"] == "host" and r["dataset"] == k)
-                  + f" img/s; one process building batches alone "
-                  f"{v['one_process_images_per_s']:.0f} img/s, two side by side "
-                  f"{' + '.join(f'{x:.0f}' for x in v['two_processes_images_per_s'])}"
-                  for k, v in per_proc.items())
-      + ". The two vCPUs do not double decode throughput, so the in-process figure is the "
-      "cost of one core here. On a GPU host with real cores, if workers scale with cores "
-      "(not measurable here), feeding a step of S img/s takes about S / "
-      f"{per_proc['imagenet2012']['one_process_images_per_s']:.0f} ImageNet workers; "
-      "normalize=False (uint8 batches) moves 4x fewer bytes to the accelerator.",
-  ]
+  device = bench_common.device_name()
   result = {
-      "device": common.device_name(), "date": datetime.date.today().isoformat(),
+      "device": device, "date": datetime.date.today().isoformat(),
       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                  f"{len(jax.devices())} {jax.devices()[0].platform} device(s)",
       "versions": {"jax": jax.__version__, "grain": grain.__version__,
                    "tfds": tfds.__version__},
-      "results": results, "scaling": scaling, "notes": notes}
+      "results": results, "scaling": scaling,
+      "notes": _notes(results, scaling, bench_common.device_slug(device))}
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"input-{common.device_slug(result['device'])}")
+  stem = os.path.join(args.out, f"input-{bench_common.device_slug(device)}")
   with open(stem + ".json", "w") as f:
     json.dump(result, f, indent=2)
   with open(stem + ".md", "w") as f:

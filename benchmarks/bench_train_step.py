@@ -2,12 +2,13 @@
 
 One step = the frozen teacher's inference forward + the student's forward, backward and SGD
 update (momentum 0.9, weight decay 5e-4), under each objective's loss. jaxkd runs the jitted
-`train.train_step` (or `train.multi_seed_train_step` for several seeds) built straight from a
-config, without a dataset; PyTorch runs the reference models of `tests/torch_models.py` in
-eager mode, channels-last, with bf16 autocast when --dtype is bfloat16 (the AMP of the peers),
-and the peers' loss formulas (`torch_objectives` of benchmarks/losses.py). Both run on the same
-device in the same process, row by row, on the same random normalised images (the input
-pipeline is benchmarked apart, in benchmarks/input_pipeline.py). Step time is the median of
+`jaxkd.train.step.train_step` (or `seeds_train_step` for several seeds) built from a config's
+`jaxkd.config.resolve`, without a dataset; PyTorch runs the reference models of
+`tests/torch_models.py` in eager mode, channels-last, with bf16 autocast when --dtype is
+bfloat16 (the AMP of the peers), and the peers' loss formulas (`torch_objectives` of
+benchmarks/bench_losses.py). Both run on the same device in the same process, row by row, on
+the same random normalised images (the input pipeline is benchmarked apart, in
+benchmarks/bench_input_pipeline.py). Step time is the median of
 --repeats steps after --warmup steps, compile excluded, each step synchronised
 (`jax.block_until_ready` / `torch.cuda.synchronize`).
 
@@ -21,14 +22,14 @@ a varying machine load does not bias. With --seeds, the KD step again with num_s
 students in one program, once per --seeds-per-vmap strategy (all S vectorised in one vmap,
 or a loop of single students); images/s counts all S students' images.
 
-  python benchmarks/train_step.py                      # default matrix for this device
-  python benchmarks/train_step.py --pairs resnet32x4-resnet8x4 --objectives kd,erkd \\
+  python benchmarks/bench_train_step.py                 # default matrix for this device
+  python benchmarks/bench_train_step.py --pairs resnet32x4-resnet8x4 --objectives kd,erkd \\
       --batch 64,512 --repeats 50
-  python benchmarks/train_step.py --pairs resnet34_imagenet-resnet18_imagenet \\
+  python benchmarks/bench_train_step.py --pairs resnet34_imagenet-resnet18_imagenet \\
       --imagenet-batch 8 --objectives kd --seeds 1 --repeats 3 --out /tmp/bench   # CPU smoke
-  python benchmarks/train_step.py --no-torch --dtype bfloat16
-  taskset -c 0 python benchmarks/train_step.py  # a CPU shared with other jobs: one core, one
-                                                # thread per framework (see warn_if_loaded)
+  python benchmarks/bench_train_step.py --no-torch --dtype bfloat16
+  taskset -c 0 python benchmarks/bench_train_step.py  # a CPU shared with other jobs: one
+                                        # core, one thread per framework (see warn_if_loaded)
 
 Defaults: on a GPU the full matrix (all pairs, batch 64 and 512, ImageNet at 256, all six
 objectives, bf16, seeds 1 and 5 for KD); on CPU a subset that finishes in about 20 minutes on 2
@@ -52,16 +53,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-from common import busy_cores, device_name, device_slug, median_time  # noqa: E402
-from losses import torch_objectives  # noqa: E402
+from bench_common import busy_cores, device_name, device_slug, load_torch_models  # noqa: E402
+from bench_common import median_time, RESULTS  # noqa: E402
+from bench_losses import torch_objectives  # noqa: E402
 
 from jaxkd import config as jconfig  # noqa: E402
-from jaxkd import models, train  # noqa: E402
+from jaxkd import models  # noqa: E402
 from jaxkd.models import layers  # noqa: E402
-
-RESULTS = os.path.join(_HERE, "results")
+from jaxkd.train import step as jstep  # noqa: E402
 
 # name -> (teacher, student); the CIFAR-100 pairs of the peers' tables and one ImageNet pair.
 PAIRS = {
@@ -179,7 +178,8 @@ def xla_flops(compiled) -> float | None:
 
 def jax_config(teacher: str, student: str, method: str, batch: int, dtype: str, seeds: int):
   c = jconfig.default_config()
-  jconfig.apply_method(c, method)   # "ce" also sets mode "teacher": no teacher forward
+  jconfig.apply_method(c, method)
+  c.mode = "teacher" if method == "ce" else "distill"   # CE: the student alone, no teacher
   c.model, c.teacher.model = student, teacher
   c.batch_size, c.dtype, c.num_seeds = batch, dtype, seeds
   return c
@@ -209,27 +209,29 @@ def jax_step(teacher: str, student: str, method: str, batch: int, dtype: str, se
 
   With seeds > 1, `seeds_per_vmap` of the students are vectorised together (None: all).
   """
-  c = jax_config(teacher, student, method, batch, dtype, seeds)
+  spec = jconfig.resolve(jax_config(teacher, student, method, batch, dtype, seeds))
   classes, steps_per_epoch, shape, _ = recipe(student, batch)
-  fns = train.make_step_fns(c, num_classes=classes, steps_per_epoch=steps_per_epoch,
-                            teacher_model=teacher)
-  init = functools.partial(train.init_train_state, fns, image_shape=shape,
+  cfg = jstep.make_step_config(
+      model=spec.model, num_classes=classes, objective=spec.objective,
+      optimizer=spec.optimizer, steps_per_epoch=steps_per_epoch, num_epochs=spec.num_epochs,
+      teacher_model=spec.teacher_model, dtype=spec.dtype)
+  init = functools.partial(jstep.init_train_state, cfg, image_shape=shape,
                            feature_dim=models.feature_dim(student))
   batches = [random_batch(shape, batch, classes, seed=s) for s in range(seeds)]
   if seeds == 1:
     state = jax.jit(init)(jax.random.PRNGKey(0))
     data = jax.device_put(batches[0])
-    step_fn = train.train_step
+    step_fn = jstep.train_step
   else:  # S independent students, each its own initialisation and batch; one shared teacher
     state = jax.jit(jax.vmap(init))(jax.random.split(jax.random.PRNGKey(0), seeds))
     data = jax.device_put(jax.tree.map(lambda *x: np.stack(x), *batches))
-    step_fn = functools.partial(train.multi_seed_train_step, seeds_per_vmap=seeds_per_vmap)
+    step_fn = functools.partial(jstep.seeds_train_step, seeds_per_vmap=seeds_per_vmap)
   teacher_vars = None
-  if fns.teacher is not None:
-    teacher_vars = calibrated_teacher(fns.teacher, jnp.asarray(batches[0]["image"]),
+  if cfg.teacher is not None:
+    teacher_vars = calibrated_teacher(cfg.teacher, jnp.asarray(batches[0]["image"]),
                                       jax.random.PRNGKey(1))
   start = time.perf_counter()
-  compiled = jax.jit(functools.partial(step_fn, fns), donate_argnums=(0,)).lower(
+  compiled = jax.jit(functools.partial(step_fn, cfg), donate_argnums=(0,)).lower(
       state, data, teacher_vars).compile()
   compile_s = time.perf_counter() - start
   carry = {"state": state, "metrics": None}
@@ -247,9 +249,7 @@ def jax_step(teacher: str, student: str, method: str, batch: int, dtype: str, se
 
 def import_torch():
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
-  import torch_models  # pylint: disable=g-import-not-at-top
-  return torch, torch_models
+  return torch, load_torch_models()
 
 
 def torch_device(torch):
@@ -495,7 +495,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
       "One step = teacher inference forward + student forward/backward/SGD update on random "
       f"normalised images (no input pipeline). Median of {meta['repeats']} steps after "
       f"{meta['warmup']} warm-up steps, compile excluded, every step synchronised. "
-      "jaxkd: the jitted `train.train_step`; PyTorch: eager, the reference models of "
+      "jaxkd: the jitted `jaxkd.train.step.train_step`; PyTorch: eager, the reference models of "
       "`tests/torch_models.py`, channels-last, bf16 autocast when the dtype is bfloat16, the "
       "peers' loss formulas. CE = the student alone (no teacher).", "",
       "Columns: *ms* = step time; *img/s* = images per second (all students' images for "
@@ -610,7 +610,7 @@ def parse_args(argv, on_gpu: bool):
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--note", action="append", default=[], help="a line for the .md's notes")
   p.add_argument("--tag", default="", help="suffix of the result files: train-<device>-<tag>")
-  p.add_argument("--out", default=RESULTS)
+  p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   ints = lambda s: [int(x) for x in s.split(",") if x]
   args.pairs = [x for x in args.pairs.split(",") if x]

@@ -5,8 +5,8 @@ the student logits (the teacher and the auxiliary IPWD head are inputs). jaxkd r
 the same formulas run in PyTorch eager (written as the peers write them) on the same device in
 the same run. Median of --repeats runs after warm-up (compile excluded).
 
-  python benchmarks/losses.py                   # all sizes, writes benchmarks/results/
-  python benchmarks/losses.py --sizes 1024x100 --repeats 20
+  python benchmarks/bench_losses.py             # all sizes, writes benchmarks/results/
+  python benchmarks/bench_losses.py --sizes 1024x100 --repeats 20
 """
 
 import argparse
@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import device_name, device_slug, median_time
+from bench_common import device_name, device_slug, median_time, RESULTS
 from jaxkd import losses, weighting
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SIZES = {"1024x100": (1024, 100), "1024x1000": (1024, 1000), "8192x1000": (8192, 1000),
          "4x1024x32000": (4, 1024, 32000)}
 TEMPERATURE = 4.0
@@ -151,7 +150,7 @@ def main(argv=None):
   parser.add_argument("--objectives", default="", help="comma list (default: all)")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--out", default=RESULTS)
+  parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
 
   torch = None
