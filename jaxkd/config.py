@@ -160,7 +160,8 @@ def parse_arg(arg: str | None, **types: type) -> tuple[list[str], dict[str, Any]
     try:
       named[key] = _parse_bool(value) if kind is bool else kind(value)
     except ValueError:
-      raise ConfigError(f"config option {key}={value!r} must be a {kind.__name__}.") from None
+      kind_name = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "a string")
+      raise ConfigError(f"config option {key}={value!r} must be {kind_name}.") from None
   return positional, named
 
 

@@ -75,7 +75,8 @@ _kl_shifted.defvjp(_kl_shifted_fwd, _kl_shifted_bwd)
 # Per-example losses.
 
 
-def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0,
+                  where: Array | None = None) -> jax.Array:
   """Per-example softmax cross-entropy, natural log.
 
     CE_i = −Σ_c q_ic log softmax(z_i)_c,  q = (1 − ε)·onehot(y) + ε/C  (ε = label_smoothing)
@@ -86,11 +87,13 @@ def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0)
       vector per example `[..., C]` (soft targets, e.g. PS-KD's; `label_smoothing` then must
       be 0).
     label_smoothing: ε in [0, 1).
+    where: bool `[...]`, or None: rows it excludes are 0 and may hold ±inf or NaN in logits
+      and labels without reaching the values or the gradients of the rows kept.
 
   Returns:
     `[...]` float32.
   """
-  logits = _logits.as_float32(logits)
+  logits = _logits.mask_rows(_logits.as_float32(logits), where)
   if not 0.0 <= float(label_smoothing) < 1.0:
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
   u, lse = _logits.shifted_logsumexp(logits)
@@ -98,13 +101,14 @@ def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0)
       jnp.result_type(labels), jnp.floating):
     if label_smoothing:
       raise ValueError("label_smoothing must be 0 with soft (probability) labels.")
-    q = _logits.as_float32(labels)
-    return jnp.sum(q, axis=-1) * lse - _logits.expectation(q, u)
-  _logits.check_labels(labels, logits)
-  ce = lse - _logits.take_label(u, labels)
-  if label_smoothing:
-    ce = (1.0 - label_smoothing) * ce + label_smoothing * (lse - jnp.mean(u, axis=-1))
-  return ce
+    q = _logits.mask_rows(_logits.as_float32(labels), where)
+    ce = jnp.sum(q, axis=-1) * lse - _logits.expectation(q, u)
+  else:
+    _logits.check_labels(labels, logits)
+    ce = lse - _logits.take_label(u, _logits.mask_labels(labels, where))
+    if label_smoothing:
+      ce = (1.0 - label_smoothing) * ce + label_smoothing * (lse - jnp.mean(u, axis=-1))
+  return ce if where is None else jnp.where(jnp.asarray(where, bool), ce, 0.0)
 
 
 def kl_divergence(student_logits: Array, teacher_logits: Array, *,

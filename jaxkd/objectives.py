@@ -187,7 +187,8 @@ def _add_aux_ce(loss, metrics, aux_logits, labels, where):
   """IPWD's auxiliary head is trained by its own plain CE, added to the loss."""
   if aux_logits is None:
     return loss
-  metrics["aux_ce"] = losses.weighted_mean(losses.cross_entropy(aux_logits, labels), where=where)
+  metrics["aux_ce"] = losses.weighted_mean(
+      losses.cross_entropy(aux_logits, labels, where=where), where=where)
   return loss + metrics["aux_ce"]
 
 
@@ -210,7 +211,8 @@ def distillation_loss(cfg: LossConfig, logits: jax.Array, teacher_logits: jax.Ar
   if teacher_logits is not None:
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
   ce = losses.weighted_mean(
-      losses.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing), where=where)
+      losses.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, where=where),
+      where=where)
   metrics = {"ce": ce}
   loss = cfg.ce_weight * ce
   w = sample_weights(cfg, logits, teacher_logits, labels, aux_logits, where)
@@ -250,8 +252,8 @@ def self_distillation_loss(cfg: LossConfig, logits: jax.Array, previous_probs: j
     use_ipw: bool scalar; whether the IPW weights are on at this epoch.
   """
   previous_probs = jax.lax.stop_gradient(previous_probs)
-  hard = losses.cross_entropy(logits, labels)
-  soft = losses.cross_entropy(logits, previous_probs)
+  hard = losses.cross_entropy(logits, labels, where=where)
+  soft = losses.cross_entropy(logits, previous_probs, where=where)
   metrics = {"ce": losses.weighted_mean(hard, where=where),
              "self_kd": losses.weighted_mean(soft, where=where)}
   w = None

@@ -346,3 +346,30 @@ def test_sharded_batch_gives_the_single_device_value():
   assert len(args[0].sharding.device_set) == 8
   np.testing.assert_allclose(sharded[0], single[0], rtol=1e-6)
   np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_cross_entropy_where_keeps_garbage_rows_out_of_values_and_gradients(soft):
+  """Excluded rows holding ±inf / NaN logits and out-of-range labels give 0 there, and the
+  kept rows' values and gradients equal those of the clean batch."""
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = (rng.dirichlet(np.ones(5), 6).astype(np.float32) if soft
+            else rng.integers(0, 5, 6).astype(np.int32))
+  where = np.array([True, True, False, True, False, True])
+  dirty_z, dirty_labels = z.copy(), labels.copy()
+  dirty_z[2], dirty_z[4, 0] = np.inf, np.nan
+  if soft:
+    dirty_labels[2] = np.nan
+  else:
+    dirty_labels[4] = -7
+  loss = lambda z, y: jnp.sum(losses.cross_entropy(z, y, where=where))
+  clean = losses.cross_entropy(z, labels)
+  got = losses.cross_entropy(dirty_z, dirty_labels, where=where)
+  np.testing.assert_array_equal(np.asarray(got)[~where], 0.0)
+  np.testing.assert_allclose(np.asarray(got)[where], np.asarray(clean)[where], rtol=1e-6)
+  grad = np.asarray(jax.grad(loss)(dirty_z, dirty_labels))
+  clean_grad = np.asarray(jax.grad(lambda z: jnp.sum(jnp.where(where, losses.cross_entropy(
+      z, labels), 0.0)))(z))
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, clean_grad, rtol=1e-6, atol=1e-7)

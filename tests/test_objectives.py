@@ -809,8 +809,6 @@ def test_where_padding_gradient_with_finite_padding(name):
   assert np.abs(d_zs[WHERE]).max() > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="the objective's CE terms see the padded rows' logits "
-                   "unmasked, so ±inf/NaN padding makes their gradient NaN")
 @pytest.mark.parametrize("name", list(WHERE_CASES))
 def test_where_padding_gradient_with_garbage(name):
   """Garbage padding (±inf, NaN) leaves the gradient alone as well: finite, zero on the
