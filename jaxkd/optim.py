@@ -35,7 +35,7 @@ class OptimizerConfig:
     if self.name != "sgd":
       raise ValueError(f"optimizer.name must be 'sgd', got {self.name!r}.")
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"optimizer.schedule must be 'step' or 'cosine', got {self.schedule!r}.")
+      raise ValueError(f"optimizer.schedule must be step or cosine, got {self.schedule!r}.")
     if not self.lr > 0:
       raise ValueError(f"optimizer.lr must be positive, got {self.lr!r}.")
 

@@ -425,7 +425,7 @@ def _distill_config(tmp_path):
                       r"got 'bogus'"),
     ("method", "foo", "unknown method 'foo'; known: ce, kd, erkd"),
     ("dtype", "float16", r"config.dtype must be one of \('float32', 'bfloat16'\), got 'float16'"),
-    ("optimizer.schedule", "linear", "config.optimizer.schedule must be 'step' or 'cosine'"),
+    ("optimizer.schedule", "linear", "config.optimizer.schedule must be step or cosine"),
     ("optimizer.lr", 0.0, "config.optimizer.lr must be positive, got 0.0"),
     ("optimizer.lr", -0.1, "config.optimizer.lr must be positive, got -0.1"),
     ("batch_size", 0, "config.batch_size must be a positive integer, got 0"),
