@@ -226,18 +226,23 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
       raise ConfigError(f"config.{field}={name} takes {spec.input_shape[-1]}-channel images but "
                         f"{ds.name} has {ds.image_shape[-1]}; pick a {spec.dataset_family} "
                         f"dataset or another model.")
+  if c.mode == "distill" and c.loss.base == "ce":
+    raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
+                      "mode 'teacher' for plain CE training.")
   try:
     _objective(c)
   except ValueError as e:
-    if c.mode == "distill" and "needs a distillation loss" in str(e):
-      raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
-                        "mode 'teacher' for plain CE training.") from None
     raise ConfigError(str(e)) from None
   if c.dtype not in DTYPES:
     raise ConfigError(f"config.dtype must be one of {DTYPES}, got {c.dtype!r}.")
   for field in ("batch_size", "eval_batch_size", "num_epochs", "num_seeds"):
     if not (isinstance(c[field], int) and c[field] > 0):
       raise ConfigError(f"config.{field} must be a positive integer, got {c[field]!r}.")
+  for field, low in (("eval_every_epochs", 1), ("log_every_steps", 0),
+                     ("checkpoint.every_steps", 0), ("checkpoint.keep", 1)):
+    value = c[field] if "." not in field else c.checkpoint[field.split(".")[1]]
+    if not (isinstance(value, int) and value >= low):
+      raise ConfigError(f"config.{field} must be an integer ≥ {low}, got {value!r}.")
   spv = c.get("seeds_per_vmap", 0)
   if not (isinstance(spv, int) and 0 <= spv <= c.num_seeds):
     raise ConfigError(f"config.seeds_per_vmap must be an integer from 0 (automatic) to "
@@ -264,6 +269,10 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
 
 def _optimizer(c: ml_collections.ConfigDict) -> optim.OptimizerConfig:
   fields = dict(c.optimizer)
+  known = {f.name for f in dataclasses.fields(optim.OptimizerConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"optimizer has unknown option(s) {unknown}; known: {sorted(known)}.")
   fields["milestones"] = tuple(int(m) for m in fields.get("milestones", ()))
   opt = optim.OptimizerConfig(**fields)
   opt.validate()
@@ -316,7 +325,7 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
   from jaxkd import data as jdata  # deferred, as in `validate`
 
   ds = c.dataset
-  ds_spec = jdata.spec(ds.name)
+  ds_spec = jdata.spec(ds.name, **dict(ds.get("spec_overrides", {})))
   distill = c.mode == "distill"
   return RunSpec(
       mode=c.mode, method=c.get("method", "kd"), model=c.model,

@@ -62,7 +62,7 @@ def main(argv):
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
       print(train.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
-  except jdata.DatasetNotFoundError as e:
+  except (jdata.DatasetNotFoundError, train.IncompatibleCheckpointError) as e:
     fail(str(e))
   except train.TrainingDiverged as e:
     print(f"jaxkd: error: {e}", file=sys.stderr, flush=True)

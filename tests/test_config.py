@@ -437,6 +437,9 @@ def _distill_config(tmp_path):
     ("dataset.input", "disk", "config.dataset.input must be auto, device or host"),
     ("model", "quick_student", "takes 1-channel images but cifar100 has 3"),
     ("teacher.model", "resnet999", "config.teacher.model"),
+    ("eval_every_epochs", 0, "config.eval_every_epochs must be an integer ≥ 1, got 0"),
+    ("checkpoint.every_steps", -1, "config.checkpoint.every_steps must be an integer ≥ 0"),
+    ("optimizer.milestones", (150, 150), "optimizer.milestones must be distinct epochs"),
 ])
 def test_validate_messages(tmp_path, field, value, message):
   c = _distill_config(tmp_path)
@@ -478,3 +481,10 @@ def test_validate_missing_teacher_says_how_to_get_one():
 def test_apply_method_rejects_unknown_method():
   with pytest.raises(ConfigError, match="unknown method 'xkd'"):
     jconfig.apply_method(jconfig.default_config(), "xkd")
+
+
+def test_validate_rejects_an_unknown_optimizer_option(tmp_path):
+  c = _distill_config(tmp_path)
+  c.optimizer.betas = 0.9
+  with pytest.raises(ConfigError, match=r"optimizer has unknown option\(s\) \['betas'\]"):
+    jconfig.validate(c, device_count=8)

@@ -122,3 +122,16 @@ def test_no_import_cycles():
 def test_modules_stay_readable(module):
   lines = sum(1 for _ in open(MODULES[module]))
   assert lines <= MAX_LINES, f"{MODULES[module]} has {lines} lines (> {MAX_LINES}): split it"
+
+
+def test_the_step_loads_without_data_checkpoints_or_configs():
+  """`import jaxkd.train.step` (what a benchmark needs) loads none of the trainer's I/O."""
+  import subprocess
+  import sys
+  code = ("import sys, jaxkd.train.step; print(sorted(m for m in ('orbax.checkpoint', "
+          "'grain', 'tensorflow_datasets', 'jaxkd.data', 'jaxkd.config', 'jaxkd.checkpoint') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout

@@ -186,3 +186,23 @@ def test_sgd_with_step_schedule_matches_torch_multistep():
   expected = _torch_trajectory(params, grads, lr=0.1, momentum=0.9, weight_decay=5e-4,
                                nesterov=False, steps_per_epoch=2, milestones=(2, 4))
   _assert_same(got, expected)
+
+
+@pytest.mark.parametrize("schedule,lr,milestones,spe,epochs", [
+    ("step", 0.05, (150, 180, 210), 781, 240), ("step", 0.01, (150, 180, 210), 781, 240),
+    ("step", 0.2, (30, 60, 90), 2502, 100), ("cosine", 0.05, (), 468, 1),
+    ("cosine", 0.05, (), 468, 2)])
+def test_schedules_are_bit_identical_to_the_closed_forms(schedule, lr, milestones, spe, epochs):
+  """Jitted over every step of the recipes and the quickstart, the rates equal float32's
+  closed forms exactly, lr·0.1^k and lr·½(1 + cos(π·min(n/T, 1))): a run's numbers do not
+  depend on how the schedule is assembled."""
+  cfg = OptimizerConfig(lr=lr, milestones=milestones, schedule=schedule)
+  steps = jnp.arange(epochs * spe + 3, dtype=jnp.int32)
+  got = np.asarray(jax.jit(jax.vmap(learning_rate_schedule(cfg, spe, epochs)))(steps))
+  total = epochs * spe
+  if schedule == "step":
+    bounds = jnp.asarray([m * spe for m in milestones])
+    closed = lambda n: lr * 0.1 ** jnp.sum(n >= bounds)
+  else:
+    closed = lambda n: lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(n / total, 1.0)))
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(jax.vmap(closed))(steps)))

@@ -206,6 +206,42 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(small_dir, tmp_path):
   for step in range(killed_at + 1, steps + 1):
     assert resumed_losses[step] == full_losses[step]
 
+  # Ctrl-C: the step in flight finishes, a checkpoint of it is saved, exit code 130; the
+  # rerun resumes from that step and ends bit-equal too.
+  workdir = str(tmp_path / "interrupted")
+  args = run_cli_config(workdir, small_dir, steps)
+  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5):
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Interrupted: saved step" in out, out[-2000:]
+  saved = int(out.split("Interrupted: saved step ")[1].split()[0])
+  assert 0 < saved < steps
+  assert saved in [int(d) for d in os.listdir(os.path.join(workdir, "teacher", "checkpoints"))
+                   if d.isdigit()]
+  resumed = cli(args, env=env, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from {os.path.join(workdir, 'teacher', 'checkpoints')}/{saved}" in resumed.stdout
+  assert_trees_equal(load_params(str(tmp_path / "full" / "teacher")),
+                     load_params(os.path.join(workdir, "teacher")))
+
+
+def test_a_checkpoint_of_another_run_is_refused_clearly(small_dir, tmp_path):
+  """Resuming a workdir whose checkpoint holds another model's state stops with a message
+  that names the checkpoint and what to do (exit 2 from the CLI), not an orbax traceback."""
+  train_run(quick_config(small_dir, steps=3), str(tmp_path))
+  with pytest.raises(train.IncompatibleCheckpointError,
+                     match=r"checkpoints/3 does not fit this run.*Use a new --workdir"):
+    train_run(quick_config(small_dir, model="quick_teacher", steps=6), str(tmp_path))
+
 
 def free_port():
   with socket.socket() as s:

@@ -124,7 +124,9 @@ class StackedHostLoader(sampling.StepIterator):
 
   def _next_batch(self) -> dict[str, jax.Array]:
     parts = [next(it) for it in self.iterators]
-    stacked = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    # One seed: a view with the seed axis, not a copy of the (ImageNet-sized) batch.
+    stacked = {k: (parts[0][k][None] if len(parts) == 1 else np.stack([p[k] for p in parts]))
+               for k in parts[0]}
     return sharding.shard_batch(stacked, self._mesh, seed_axis=True)
 
   def _seek(self, step: int) -> None:

@@ -3,41 +3,31 @@
     from jaxkd import train
     summary = train.train_and_evaluate(config, workdir)
 
-The layers and how a batch flows through them: docs/DESIGN.md#a-training-step.
+The names below are loaded on first use, so `import jaxkd.train.step` (what benchmarks and
+your own code need to build a step) pulls in neither the data pipelines nor orbax. The
+layers and how a batch flows through them: docs/DESIGN.md#a-training-step.
 """
 
-from jaxkd.train.loop import Experiment
-from jaxkd.train.loop import train_and_evaluate
-from jaxkd.train.loop import TrainingDiverged
-from jaxkd.train.report import describe
-from jaxkd.train.report import summarize_eval
-from jaxkd.train.step import default_seeds_per_vmap
-from jaxkd.train.step import eval_step
-from jaxkd.train.step import init_train_state
-from jaxkd.train.step import make_step_config
-from jaxkd.train.step import map_seeds
-from jaxkd.train.step import model_variables
-from jaxkd.train.step import seeds_eval_step
-from jaxkd.train.step import seeds_train_step
-from jaxkd.train.step import StepConfig
-from jaxkd.train.step import train_step
-from jaxkd.train.step import TrainState
+import importlib
 
-__all__ = [
-    "Experiment",
-    "train_and_evaluate",
-    "TrainingDiverged",
-    "describe",
-    "summarize_eval",
-    "default_seeds_per_vmap",
-    "eval_step",
-    "init_train_state",
-    "make_step_config",
-    "map_seeds",
-    "model_variables",
-    "seeds_eval_step",
-    "seeds_train_step",
-    "StepConfig",
-    "train_step",
-    "TrainState",
-]
+_WHERE = {
+    "Experiment": "loop", "train_and_evaluate": "loop", "TrainingDiverged": "loop",
+    "IncompatibleCheckpointError": "loop",
+    "describe": "report", "summarize_eval": "report",
+    "default_seeds_per_vmap": "step", "eval_step": "step", "init_train_state": "step",
+    "make_step_config": "step", "map_seeds": "step", "model_variables": "step",
+    "seeds_eval_step": "step", "seeds_train_step": "step", "StepConfig": "step",
+    "train_step": "step", "TrainState": "step",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+  if name not in _WHERE:
+    raise AttributeError(f"module 'jaxkd.train' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"jaxkd.train.{_WHERE[name]}"), name)
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_WHERE))

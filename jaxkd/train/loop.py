@@ -40,6 +40,15 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or inf; the last good checkpoint is untouched."""
 
 
+class IncompatibleCheckpointError(ValueError):
+  """The workdir holds a run checkpoint this version of jaxkd cannot continue."""
+
+
+# The layout of a run checkpoint (train state with a leading seed axis, data state, per-seed
+# summaries); a checkpoint of another layout is refused with a clear message.
+RUN_CHECKPOINT_FORMAT = "jaxkd-run-2"
+
+
 class Experiment:
   """Mesh, data, teacher and compiled steps, built once from a RunSpec.
 
@@ -180,10 +189,26 @@ class _Run:
     self.images_per_sec = None
     latest = self.manager.latest_step()
     if latest is not None:
-      self.state, meta = checkpoint.restore_run(self.manager, latest, self.state)
+      self.state, meta = self._restore(latest)
       self.runs, self.teacher = meta["runs"], meta.get("teacher")
       exp.train_data.set_state(meta["data"])
       print(f"Resumed from {self.manager.directory}/{latest}.", flush=True)
+
+  def _restore(self, step: int):
+    where = f"{self.manager.directory}/{step}"
+    try:
+      state, meta = checkpoint.restore_run(self.manager, step, self.state)
+    except ValueError as e:
+      raise IncompatibleCheckpointError(
+          f"the checkpoint {where} does not fit this run ({str(e).splitlines()[0]}); it was "
+          f"written by another version of jaxkd or another config. Use a new --workdir, or "
+          f"the config that wrote it.") from None
+    if meta.get("format") != RUN_CHECKPOINT_FORMAT:
+      raise IncompatibleCheckpointError(
+          f"the checkpoint {where} was written by another version of jaxkd (format "
+          f"{meta.get('format', 'unversioned')!r}, this one reads {RUN_CHECKPOINT_FORMAT!r}); "
+          f"use a new --workdir.")
+    return state, meta
 
   @property
   def step(self) -> int:
@@ -202,8 +227,8 @@ class _Run:
     if self.first_nonfinite() is not None:
       return
     checkpoint.save_run(self.manager, step, self.state,
-                        {"data": self.exp.train_data.get_state(), "runs": self.runs,
-                         "teacher": self.teacher})
+                        {"format": RUN_CHECKPOINT_FORMAT, "data": self.exp.train_data.get_state(),
+                         "runs": self.runs, "teacher": self.teacher})
     if block:
       self.manager.wait_until_finished()
 
@@ -230,10 +255,10 @@ class _Run:
     epoch = math.ceil(done / self.exp.steps_per_epoch)
     results = self.exp.evaluate(self.exp.eval_step, jstep.model_variables(self.state))
     for i, (run, result) in enumerate(zip(self.runs, results)):
-      path = os.path.join(self.workdir, "eval_{}" + self.suffix(i) + ".json")
+      path = lambda kind, i=i: os.path.join(self.workdir, f"eval_{kind}{self.suffix(i)}.json")
       if report.record_eval(run, result, epoch, done):
-        report.write_json(path.format("best"), {"epoch": epoch, **result})
-      report.write_json(path.format("last"), {"epoch": epoch, **result})
+        report.write_json(path("best"), {"epoch": epoch, **result})
+      report.write_json(path("last"), {"epoch": epoch, **result})
     scalars = {k: float(np.mean([r[k] for r in results])) for k in ("top1", "top5", "ce")}
     if len(results) > 1:
       scalars.update({f"top1_seed{i}": r["top1"] for i, r in enumerate(results)})
