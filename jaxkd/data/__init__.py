@@ -1,6 +1,6 @@
-"""jaxkd.data: tfds datasets read without TensorFlow, a grain host pipeline, and a
-device-resident path for small splits (CIFAR-100, Fashion-MNIST, ImageNet, and long-tailed
-subsets of their train splits).
+"""jaxkd.data: tfds datasets read without TensorFlow (CIFAR-100, Fashion-MNIST, ImageNet, and
+long-tailed subsets of their train splits), a grain host pipeline for any of them, and a
+device-resident path for the small ones (CIFAR-100, Fashion-MNIST).
 
 A training loop needs two calls (`loader`), both yielding global `jax.Array`s sharded over
 the mesh's 'data' axis, from the device-resident or the host path alike:
