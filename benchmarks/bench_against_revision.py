@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from bench_common import busy_cores, device_name, device_slug, REPO, RESULTS
+from bench_common import busy_core_counts, device_name, device_slug, REPO, RESULTS
 
 SCRIPTS = ("benchmarks/bench_train_step.py", "benchmarks/train_step.py")  # newest name first
 
@@ -72,8 +72,8 @@ def run_side(tree: pathlib.Path, args) -> dict:
   """One run of `tree`'s train-step benchmark: its row, the machine's load just before, and
   the wall time of the process."""
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-  load = dict(busy_cores_all=busy_cores(1.0),
-              busy_cores_mine=None if cores is None else busy_cores(1.0, cores))
+  every, mine = busy_core_counts(1.0, None, cores)
+  load = dict(busy_cores_all=every, busy_cores_mine=mine)
   with tempfile.TemporaryDirectory(prefix="jaxkd-bench-") as out:
     cmd = [sys.executable, str(train_step_script(tree)), "--pairs", args.pair,
            "--batch", str(args.batch), "--imagenet-batch", str(args.batch),
@@ -126,13 +126,13 @@ def markdown(report: dict) -> str:
       f"{m['repeats']} synchronised steps, compile excluded), the order alternating from round "
       "to round. Both sides: the same Python, environment (XLA_FLAGS "
       f"`{m['xla_flags'] or '(none)'}`) and CPU affinity (cores {m['cpu_affinity']}).", "",
-      f"- before ({m['before_label']}): {m['before_revision']}, jaxkd imported from the "
-      f"tree's `{m['before_jaxkd']}`",
-      f"- after ({m['after_label']}): {m['after_revision']}, jaxkd imported from the tree's "
+      f"- before = {m['before_label']}: {m['before_revision']}, jaxkd imported from the tree's "
+      f"`{m['before_jaxkd']}`",
+      f"- after = {m['after_label']}: {m['after_revision']}, jaxkd imported from the tree's "
       f"`{m['after_jaxkd']}`", "",
       "Load: *busy (all)* = cores of the whole machine that other jobs kept busy in the second "
-      "before the run (/proc/stat, this process asleep); *busy (mine)* = the same on the cores "
-      f"the runs were pinned to. The machine has {m['cpu_count']} cores.", "",
+      "before the run (/proc/stat, this process asleep); *busy (mine)* = the same, in the same "
+      f"second, on the cores the runs may use. The machine has {m['cpu_count']} cores.", "",
       "| round | side | ms/step | spread in the run | busy (all) | busy (mine) | compile s | "
       "process s |",
       "|---|---|---|---|---|---|---|---|"]

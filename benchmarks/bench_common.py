@@ -58,27 +58,32 @@ def busy_cores(seconds: float = 1.0, cores: list[int] | None = None) -> float | 
   Unlike the 1-minute load average, which lingers for minutes after a job ends (and counts
   this benchmark's own threads), this sees only the present. `cores`: only those cores
   (e.g. the one a pinned benchmark runs on); None: all. None where /proc is missing."""
-  names = ["cpu"] if cores is None else [f"cpu{c}" for c in cores]
+  return busy_core_counts(seconds, cores)[0]
+
+
+def busy_core_counts(seconds: float, *core_sets: list[int] | None) -> tuple[float | None, ...]:
+  """`busy_cores` of each set of cores (None: all of them), over the same `seconds`."""
+  names = [["cpu"] if cores is None else [f"cpu{c}" for c in cores] for cores in core_sets]
 
   def ticks():
-    busy = total = 0
+    per_cpu = {}
     with open("/proc/stat") as f:
       for line in f:
         name, *rest = line.split()
-        if name in names:
+        if name.startswith("cpu"):
           fields = [int(x) for x in rest[:8]]
-          busy += sum(fields) - fields[3] - fields[4]  # all but idle + iowait
-          total += sum(fields)
-    return busy, total
+          per_cpu[name] = (sum(fields) - fields[3] - fields[4], sum(fields))  # idle + iowait
+    return [tuple(sum(per_cpu[n][i] for n in group) for i in (0, 1)) for group in names]
 
   try:
-    busy0, total0 = ticks()
+    before = ticks()
     time.sleep(seconds)
-    busy1, total1 = ticks()
-  except (OSError, ValueError, IndexError):
-    return None
-  width = os.cpu_count() if cores is None else len(cores)
-  return round((busy1 - busy0) / max(total1 - total0, 1) * width, 2)
+    after = ticks()
+  except (OSError, ValueError, IndexError, KeyError):
+    return (None,) * len(core_sets)
+  return tuple(
+      round((b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() if cores is None else len(cores)), 2)
+      for (b0, t0), (b1, t1), cores in zip(before, after, core_sets))
 
 
 def load_torch_models():
