@@ -6,8 +6,8 @@
   git worktree remove /tmp/jaxkd-before
 
 Each round runs the train-step benchmark once per tree, each in a fresh process of its own
-tree's script (`benchmarks/bench_train_step.py`, or `benchmarks/train_step.py` in revisions
-before that name) with its own tree first on PYTHONPATH, so that each side imports its own
+tree's script (`benchmarks/bench_train_step.py`, or `train_step.py` in the same folder in
+revisions before that name) with its own tree first on PYTHONPATH, so that each side imports its own
 jaxkd; the environment and CPU affinity are this process's for both. The order within a round
 alternates, so that neither side always runs first, and the rounds interleave the two sides so
 that both see the same drift of the machine's load. Before every run this process sleeps 1 s
@@ -33,14 +33,14 @@ import time
 
 from bench_common import busy_core_counts, device_name, device_slug, REPO, RESULTS
 
-SCRIPTS = ("benchmarks/bench_train_step.py", "benchmarks/train_step.py")  # newest name first
+SCRIPTS = ("bench_train_step.py", "train_step.py")  # in benchmarks/, newest name first
 
 
 def train_step_script(tree: pathlib.Path) -> pathlib.Path:
   for name in SCRIPTS:
-    if (tree / name).exists():
-      return tree / name
-  raise SystemExit(f"{tree} has none of {', '.join(SCRIPTS)}")
+    if (tree / "benchmarks" / name).exists():
+      return tree / "benchmarks" / name
+  raise SystemExit(f"{tree / 'benchmarks'} has none of {', '.join(SCRIPTS)}")
 
 
 def side_env(tree: pathlib.Path) -> dict[str, str]:

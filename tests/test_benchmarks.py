@@ -28,8 +28,8 @@ def only_file(directory, prefix, suffix):
 
 
 def test_no_benchmark_module_is_named_like_a_jaxkd_module():
-  # The scripts run with benchmarks/ first on sys.path: a benchmarks/losses.py would stand
-  # in for every top-level `import losses` there, and beside jaxkd.losses for a reader.
+  # The scripts run with benchmarks/ first on sys.path: a `losses.py` there would stand in
+  # for every top-level `import losses`, and beside jaxkd.losses for a reader.
   jaxkd_names = {p.stem for p in pathlib.Path(REPO, "jaxkd").rglob("*.py")}
   jaxkd_names |= {p.name for p in pathlib.Path(REPO, "jaxkd").rglob("*") if p.is_dir()}
   jaxkd_names.add("jaxkd")
