@@ -37,6 +37,17 @@ from jaxkd.data import raw
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.cache
+def config_module(name: str):
+  """`configs/<name>.py` as a module, loaded by path (configs/ is not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"jaxkd_test_config_{name}",
+                                                os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def in_ci() -> bool:
   return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

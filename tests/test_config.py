@@ -7,21 +7,20 @@ configs.
 """
 
 import dataclasses
-import functools
-import importlib.util
 import os
-import pathlib
 
 import pytest
 
+import helpers
 from jaxkd import config as jconfig
 from jaxkd import objectives
 from jaxkd import suite
 from jaxkd.config import ConfigError
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 # docs/METHODS.md#cifar-100: (teacher, student): (lr, DKD β of mdistiller, β of the ER-KD fork).
+# Written out from the docs on purpose, not imported from configs/cifar100.py: an independent
+# oracle for the presets.
 CIFAR_PAIRS = {
     ("resnet56", "resnet20"): (0.05, 2.0, None),
     ("resnet110", "resnet32"): (0.05, 2.0, None),
@@ -41,13 +40,7 @@ IMAGENET_PAIRS = {"r34-r18": ("resnet34_imagenet", "resnet18_imagenet", 0.5),
                   "r50-mv1": ("resnet50_imagenet", "mobilenetv1_imagenet", 2.0)}
 
 
-@functools.cache
-def load(name):
-  spec = importlib.util.spec_from_file_location(f"jaxkd_test_config_{name}",
-                                                CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+load = helpers.config_module
 
 
 def get(name, arg=None):

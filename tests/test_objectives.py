@@ -19,15 +19,14 @@ each test then reads its entries.
 
 import dataclasses
 import functools
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from jaxkd import config as jconfig
 from jaxkd import objectives
 from jaxkd import suite
@@ -35,7 +34,6 @@ from jaxkd.objectives import LossConfig, Objective
 
 np.seterr(invalid="ignore", divide="ignore")
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -168,13 +166,7 @@ def make_batch(shape, seed):
   return dict(zs=zs, zt=zt, y=y, g=g, prev=prev)
 
 
-@functools.cache
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(f"jaxkd_test_config_{name}",
-                                                CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+load_config = helpers.config_module
 
 
 def preset(name, arg=None, **overrides):
