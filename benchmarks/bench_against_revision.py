@@ -25,13 +25,15 @@ import glob
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench_common import busy_core_counts, device_name, device_slug, REPO, RESULTS
+from bench_common import busy_core_counts, busy_core_seconds, device_name, device_slug
+from bench_common import REPO, RESULTS
 
 SCRIPTS = ("bench_train_step.py", "train_step.py")  # in benchmarks/, newest name first
 
@@ -80,10 +82,16 @@ def run_side(tree: pathlib.Path, args) -> dict:
            "--objectives", args.objective, "--seeds", "1", "--dtype", args.dtype,
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--no-torch",
            "--out", out, "--tag", "run"]
+    own0, busy0 = _children_cpu_s(), busy_core_seconds()
     start = time.perf_counter()
     result = subprocess.run(cmd, env=side_env(tree), cwd=tree, capture_output=True, text=True,
                             timeout=args.timeout)
     wall = time.perf_counter() - start
+    own, busy1 = _children_cpu_s() - own0, busy_core_seconds()
+    # Other jobs during the run: the machine's busy core-seconds less the run's own CPU time.
+    load["busy_cores_during"] = (None if busy0 is None or busy1 is None else
+                                 round(max(busy1 - busy0 - own, 0.0) / wall, 2))
+    load["own_cores_during"] = round(own / wall, 2)
     if result.returncode != 0:
       raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     row = json.load(open(glob.glob(os.path.join(out, "train-*-run.json"))[0]))["rows"][0]
@@ -91,6 +99,11 @@ def run_side(tree: pathlib.Path, args) -> dict:
     raise SystemExit(f"{tree}: {row.get('jax_error')}")
   return dict(ms=row["jax_ms"], spread=row["jax_spread"], compile_s=row["jax_compile_s"],
               finite=row["jax_finite"], process_s=round(wall, 1), **load)
+
+
+def _children_cpu_s() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def summary(runs: list[dict]) -> dict:
@@ -108,7 +121,7 @@ def previous_row(path: str, args) -> dict | None:
     if (r.get("pair"), r.get("batch"), r.get("method"), r.get("dtype"), r.get("num_seeds")) == (
         args.pair, args.batch, args.objective, args.dtype, 1) and "jax_ms" in r:
       return dict(file=os.path.relpath(path, REPO), ms=r["jax_ms"], spread=r["jax_spread"],
-                  date=report["meta"].get("date"),
+                  date=report["meta"].get("date"), device=report["meta"].get("device"),
                   busy_cores_before=report["meta"].get("busy_cores_before"),
                   repeats=report["meta"].get("repeats"))
   return None
@@ -130,18 +143,22 @@ def markdown(report: dict) -> str:
       f"`{m['before_jaxkd']}`",
       f"- after = {m['after_label']}: {m['after_revision']}, jaxkd imported from the tree's "
       f"`{m['after_jaxkd']}`", "",
-      "Load: *busy (all)* = cores of the whole machine that other jobs kept busy in the second "
-      "before the run (/proc/stat, this process asleep); *busy (mine)* = the same, in the same "
-      f"second, on the cores the runs may use. The machine has {m['cpu_count']} cores.", "",
-      "| round | side | ms/step | spread in the run | busy (all) | busy (mine) | compile s | "
-      "process s |",
-      "|---|---|---|---|---|---|---|---|"]
+      "Load: *busy before* = cores of the whole machine that other jobs kept busy in the second "
+      "before the run (/proc/stat, this process asleep), and on the cores the runs may use "
+      "(*mine*); *busy during* = cores other jobs kept busy on average while the run's process "
+      "lived (the machine's busy core-seconds less the process's own CPU time, over its wall "
+      "time, which includes start-up and compilation); *own* = the cores the run itself used "
+      f"on average. The machine has {m['cpu_count']} cores.", "",
+      "| round | side | ms/step | spread in the run | busy before (all / mine) | busy during | "
+      "own | compile s | process s |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for i, pair in enumerate(report["rounds"], 1):
     for side in pair["order"]:
       r = pair[side]
       lines.append(f"| {i} | {side} | {r['ms']:.1f} | {r['spread']:.1%} | "
-                   f"{r['busy_cores_all']} | {r['busy_cores_mine']} | {r['compile_s']:.1f} | "
-                   f"{r['process_s']} |")
+                   f"{r['busy_cores_all']} / {r['busy_cores_mine']} | "
+                   f"{r.get('busy_cores_during')} | {r.get('own_cores_during')} | "
+                   f"{r['compile_s']:.1f} | {r['process_s']} |")
   lines += [
       "", "*spread in the run* = interquartile range / median of that run's steps.", "",
       "| side | median over rounds, ms/step | range over rounds | median spread in a run |",
@@ -151,9 +168,12 @@ def markdown(report: dict) -> str:
                  f"{s['median_within_run_spread']:.1%} |")
   prev = report.get("previous")
   if prev:
-    lines.append(f"| earlier figure ({prev['file']}, {prev['date']}, other jobs "
-                 f"{prev['busy_cores_before']} cores busy) | {prev['ms']:.1f} | - | "
+    lines.append(f"| earlier figure ({prev['file']}, {prev['date']}, {prev['device']}, other "
+                 f"jobs {prev['busy_cores_before']} cores busy) | {prev['ms']:.1f} | - | "
                  f"{prev['spread']:.1%} |")
+    if prev["device"] != m["device"]:
+      lines += ["", f"The earlier figure was taken on another CPU ({prev['device']}), so only "
+                "the interleaved rounds above compare the two revisions."]
   lines += [
       "", f"after / before, paired within each round: median {ratio['median']:.3f} "
       f"(range {ratio['min']:.3f}–{ratio['max']:.3f} over the rounds), i.e. "
@@ -195,9 +215,10 @@ def main(argv=None):
     pair = {"order": list(order)}
     for side in order:
       pair[side] = run_side(trees[side], args)
-      print(f"round {i + 1} {side:>6}: {pair[side]['ms']:.1f} ms/step "
-            f"(spread {pair[side]['spread']:.1%}, busy cores {pair[side]['busy_cores_all']} "
-            f"all / {pair[side]['busy_cores_mine']} mine)", flush=True)
+      r = pair[side]
+      print(f"round {i + 1} {side:>6}: {r['ms']:.1f} ms/step (spread {r['spread']:.1%}; "
+            f"other jobs' busy cores {r['busy_cores_all']} before, {r['busy_cores_during']} "
+            f"during; own {r['own_cores_during']})", flush=True)
     rounds.append(pair)
   sides = {side: summary([r[side] for r in rounds]) for side in trees}
   ratios = [r["after"]["ms"] / r["before"]["ms"] for r in rounds]

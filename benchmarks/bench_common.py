@@ -86,6 +86,18 @@ def busy_core_counts(seconds: float, *core_sets: list[int] | None) -> tuple[floa
       for (b0, t0), (b1, t1), cores in zip(before, after, core_sets))
 
 
+def busy_core_seconds() -> float | None:
+  """Core-seconds all processes of the machine have kept its cores busy since boot, from
+  /proc/stat (None where it is missing): the difference over a run, less the run's own CPU
+  time, is what other jobs took meanwhile."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return None
+  return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def load_torch_models():
   """tests/torch_models.py (the PyTorch reference models), loaded from its path under a
   private name: the tests folder is not a package and does not belong on sys.path."""

@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 from bench_common import device_name, device_slug, RESULTS  # noqa: E402
 from bench_train_step import OBJECTIVES, PAIRS, jax_step, timed  # noqa: E402
 
-# The named scopes of jaxkd.train.step.train_step, most specific first (an op's name holds its scopes).
+# The named scopes of jaxkd.train.step.train_step, most specific first (an op's name holds
+# its scopes).
 PHASES = ("teacher", "aux_head", "loss", "optimizer", "finite_guard", "student")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")

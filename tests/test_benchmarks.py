@@ -89,4 +89,5 @@ def test_against_revision_runs_both_trees_interleaved(tmp_path):
       "jaxkd", "__init__.py")
   assert len(report["ratio_after_over_before"]["per_round"]) == 2
   md = open(only_file(tmp_path, "train-step-smoke-cpu-", ".md")).read()
-  assert "| 2 | after |" in md and "after / before, paired within each round" in md
+  assert "| 2 | after |" in md and "busy during" in md
+  assert "after / before, paired within each round" in md
