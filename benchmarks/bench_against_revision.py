@@ -123,6 +123,7 @@ def previous_row(path: str, args) -> dict | None:
       return dict(file=os.path.relpath(path, REPO), ms=r["jax_ms"], spread=r["jax_spread"],
                   date=report["meta"].get("date"), device=report["meta"].get("device"),
                   busy_cores_before=report["meta"].get("busy_cores_before"),
+                  load_average_before=report["meta"].get("load_before"),
                   repeats=report["meta"].get("repeats"))
   return None
 
@@ -139,9 +140,9 @@ def markdown(report: dict) -> str:
       f"{m['repeats']} synchronised steps, compile excluded), the order alternating from round "
       "to round. Both sides: the same Python, environment (XLA_FLAGS "
       f"`{m['xla_flags'] or '(none)'}`) and CPU affinity (cores {m['cpu_affinity']}).", "",
-      f"- before = {m['before_label']}: {m['before_revision']}, jaxkd imported from the tree's "
-      f"`{m['before_jaxkd']}`",
-      f"- after = {m['after_label']}: {m['after_revision']}, jaxkd imported from the tree's "
+      f"- before = {m['before_label']} ({m['before_revision']}), jaxkd imported from the "
+      f"tree's `{m['before_jaxkd']}`",
+      f"- after = {m['after_label']} ({m['after_revision']}), jaxkd imported from the tree's "
       f"`{m['after_jaxkd']}`", "",
       "Load: *busy before* = cores of the whole machine that other jobs kept busy in the second "
       "before the run (/proc/stat, this process asleep), and on the cores the runs may use "
@@ -168,9 +169,11 @@ def markdown(report: dict) -> str:
                  f"{s['median_within_run_spread']:.1%} |")
   prev = report.get("previous")
   if prev:
-    lines.append(f"| earlier figure ({prev['file']}, {prev['date']}, {prev['device']}, other "
-                 f"jobs {prev['busy_cores_before']} cores busy) | {prev['ms']:.1f} | - | "
-                 f"{prev['spread']:.1%} |")
+    busy, average = prev["busy_cores_before"], prev.get("load_average_before")
+    load = (f"other jobs {busy} cores busy" if busy is not None else
+            f"1-minute load average {average}" if average is not None else "load not recorded")
+    lines.append(f"| earlier figure ({prev['file']}, {prev['date']}, {prev['device']}, "
+                 f"{load}) | {prev['ms']:.1f} | - | {prev['spread']:.1%} |")
     if prev["device"] != m["device"]:
       lines += ["", f"The earlier figure was taken on another CPU ({prev['device']}), so only "
                 "the interleaved rounds above compare the two revisions."]
