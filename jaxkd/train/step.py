@@ -134,7 +134,7 @@ def train_step(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Array],
     (new state, the scalar metrics of this step).
   """
   labels = batch["label"]
-  # The named scopes label every op of the step in profiles (benchmarks/profile_step.py).
+  # The named scopes label every op of the step in profiles (benchmarks/bench_profile_step.py).
   soft_targets = _soft_targets(cfg, state, batch, teacher_variables)
 
   def loss_fn(params):
