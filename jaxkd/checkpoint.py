@@ -20,8 +20,10 @@ picked up as the latest step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -41,10 +43,51 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+class ModelExistsError(ValueError):
+  """The target of `save_model_variables` exists and may not (or cannot safely) be replaced."""
+
+
+def _is_model_folder(directory: str) -> bool:
+  """An empty folder, or one holding exactly a jaxkd model checkpoint (what may be replaced)."""
+  entries = set(os.listdir(directory))
+  if not entries:
+    return True
+  if not entries <= {METADATA_FILE, VARIABLES_DIR}:
+    return False
+  try:
+    with open(os.path.join(directory, METADATA_FILE)) as f:
+      return json.load(f).get("format") == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def check_replaceable(directory: str | os.PathLike, *, overwrite: bool) -> None:
+  """Raises ModelExistsError unless a model may be written to `directory`: it does not exist,
+  or `overwrite` is set and it is an empty folder or a jaxkd model folder. Anything else (a
+  file, a folder with other files) is never deleted."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.lexists(directory):
+    return
+  if not overwrite:
+    raise ModelExistsError(f"{directory} already exists (replace it with overwrite=True)")
+  if not os.path.isdir(directory) or os.path.islink(directory):
+    raise ModelExistsError(f"{directory} is not a folder; refusing to replace it")
+  if not _is_model_folder(directory):
+    found = sorted(os.listdir(directory))
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise ModelExistsError(
+        f"{directory} is not a jaxkd model folder (it holds {shown}); only an empty folder or "
+        f"one written by jaxkd (model.json + variables/) is ever replaced. Choose another "
+        f"target or move it away yourself")
+
+
 def save_model_variables(directory: str | os.PathLike, variables: dict, *, model: str,
                          num_classes: int, source: str | None = None,
                          overwrite: bool = False) -> dict:
   """Saves `variables` of model `model` to `directory` (created; must not exist).
+
+  The checkpoint is written to a temporary sibling folder and renamed into place when it is
+  complete, so an interrupted save never leaves a half-written model where a good one was.
 
   Args:
     directory: target directory (made absolute).
@@ -52,13 +95,14 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
     model: a `jaxkd.models` name (stored canonical).
     num_classes: classes of the model.
     source: where the weights came from (e.g. the PyTorch file), for the record.
-    overwrite: replace an existing `directory` instead of raising.
+    overwrite: replace an existing `directory` if it is empty or a jaxkd model folder.
 
   Returns:
     The metadata written to `model.json`.
 
   Raises:
-    ValueError: unknown model, or variables that do not fit it, or an existing directory.
+    ValueError: unknown model, or variables that do not fit it.
+    ModelExistsError: `directory` exists and may not be replaced (`check_replaceable`).
   """
   directory = os.path.abspath(os.fspath(directory))
   spec = models.spec(model)
@@ -68,18 +112,20 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
   if jax.tree.structure(got) != jax.tree.structure(expected) or any(
       a.shape != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))):
     raise ValueError(f"variables do not fit {spec.name} with num_classes={num_classes}")
-  if os.path.exists(directory) and not overwrite:
-    raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+  check_replaceable(directory, overwrite=overwrite)
+  parent, name = os.path.split(directory)
+  tmp, old = (os.path.join(parent, f".{name}.jaxkd-{kind}") for kind in ("tmp", "old"))
   # Several processes save together (orbax needs every one of them); only the first touches
-  # the folder itself, and the others wait for it.
+  # the folders themselves, and the others wait for it.
   if jax.process_index() == 0:
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory)
+    os.makedirs(parent, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save: never a model
+    os.makedirs(tmp)
   _sync("jaxkd_model_variables_dir")
 
   variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), flax.core.unfreeze(variables))
   with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
-    checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
+    checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
 
   metadata = {
       "format": FORMAT,
@@ -92,9 +138,14 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
       "source": source,
   }
   if jax.process_index() == 0:
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
+    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
       f.write("\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(directory):
+      os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
   _sync("jaxkd_model_variables_done")
   return metadata
 
@@ -168,3 +219,101 @@ def restore_run(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[A
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   return restored.state, restored.meta
 
+
+
+def restore_run_state(manager: ocp.CheckpointManager, step: int, like: Any) -> Any:
+  """The "state" item of step `step` in the structure, dtypes and shardings of `like`.
+
+  Raises CheckpointDamagedError (naming the file when orbax's message does) for anything
+  that stops the read: truncated or corrupt files, or arrays that do not fit `like`.
+  """
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+  except Exception as e:  # orbax and tensorstore raise ValueError, OSError, XlaRuntimeError...
+    where = os.path.join(step_directory(manager, step), "state")
+    text = str(e)
+    named = re.search(re.escape(where) + r"[^\s'\"]*", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    raise CheckpointDamagedError(named.group(0) if named else where,
+                                 f"{type(e).__name__}: {first[:300]}") from None
+  return restored.state
+
+
+def read_run_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The "meta" item of step `step`, read without touching the state (JSON on disk)."""
+  path = os.path.join(step_directory(manager, step), "meta", "metadata")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointDamagedError(path, f"unreadable ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums of run checkpoints: recorded once a save is complete, verified before a restore.
+
+CHECKSUM_FILE = "jaxkd_checksums.json"
+
+
+class CheckpointDamagedError(ValueError):
+  """A file of a checkpoint is missing, unreadable or differs from its recorded checksum."""
+
+  def __init__(self, path: str, problem: str):
+    super().__init__(f"{path}: {problem}")
+    self.path, self.problem = path, problem
+
+
+def step_directory(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _files(directory: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(directory):
+    out += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+  return sorted(f for f in out if f != CHECKSUM_FILE)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def record_checksums(step_dir: str) -> None:
+  """Writes `step_dir/jaxkd_checksums.json`: {relative file: sha256} of a complete step."""
+  sums = {f: _sha256(os.path.join(step_dir, f)) for f in _files(step_dir)}
+  tmp = os.path.join(step_dir, CHECKSUM_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(sums, f, indent=0)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+
+
+def has_checksums(step_dir: str) -> bool:
+  return os.path.exists(os.path.join(step_dir, CHECKSUM_FILE))
+
+
+def verify_checksums(step_dir: str) -> bool:
+  """True if the step's files match the checksums recorded at save; False if none were
+  recorded (a step saved just before a crash). Raises CheckpointDamagedError naming the first
+  file that is missing or differs."""
+  path = os.path.join(step_dir, CHECKSUM_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      sums = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointDamagedError(path, f"unreadable ({type(e).__name__})") from None
+  for name, expected in sorted(sums.items()):
+    file = os.path.join(step_dir, name)
+    if not os.path.exists(file):
+      raise CheckpointDamagedError(file, "missing")
+    if _sha256(file) != expected:
+      raise CheckpointDamagedError(file, "differs from the checksum recorded when it was saved")
+  return True

@@ -71,7 +71,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0                # 0: at the end of every epoch
-  c.checkpoint.keep = 3
+  c.checkpoint.keep = 3                       # the newest k steps are kept (≥ 1)
+  c.checkpoint.restore_step = 0               # > 0: resume from this saved step, not the newest
+  c.checkpoint.allow_changes = ""             # e.g. "num_epochs,optimizer.lr": fields a resume
+                                              # may change (docs/DESIGN.md#resume-safety)
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
@@ -166,10 +169,14 @@ def parse_arg(arg: str | None, **types: type) -> tuple[list[str], dict[str, Any]
 
 
 def teacher_commands(c: ml_collections.ConfigDict) -> str:
-  """How to obtain the teacher checkpoint of config `c`."""
-  family = "imagenet" if c.dataset.name == "imagenet2012" else "cifar100"
+  """How to obtain the teacher checkpoint of config `c`: commands for its dataset."""
   path = c.teacher.checkpoint or "DIR"
   model = c.teacher.model
+  if c.dataset.name == "fashion_mnist":
+    return (f"train the quickstart's teacher with\n  python -m jaxkd.main --config "
+            f"configs/quickstart.py --config.suite=\"('teacher',)\" --workdir runs/quickstart\n"
+            f"(then use --config.teacher.checkpoint=runs/quickstart/teacher/model)")
+  family = "imagenet" if c.dataset.name == "imagenet2012" else "cifar100"
   return (f"train it with\n  python -m jaxkd.main --config configs/{family}.py:{model} "
           f"--workdir runs/teachers/{model}\n(then use --config.teacher.checkpoint="
           f"runs/teachers/{model}/model), or convert a PyTorch teacher with\n"
@@ -226,6 +233,19 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
       raise ConfigError(f"config.{field}={name} takes {spec.input_shape[-1]}-channel images but "
                         f"{ds.name} has {ds.image_shape[-1]}; pick a {spec.dataset_family} "
                         f"dataset or another model.")
+  if c.mode != "teacher" and objectives.METHODS[c.method] != (c.loss.base, c.loss.weighting):
+    # A method only names a loss: set alone (--config.method=erkd) it would change the label
+    # of the run and not what it trains.
+    base, weighting = objectives.METHODS[c.method]
+    actual = next((m for m, bw in objectives.METHODS.items()
+                   if bw == (c.loss.base, c.loss.weighting)), None)
+    raise ConfigError(
+        f"config.method={c.method!r} trains loss.base={base!r} with loss.weighting="
+        f"{weighting!r}, but this config's loss is base={c.loss.base!r}, weighting="
+        f"{c.loss.weighting!r}" + (f" (method {actual!r})" if actual else "") + "; setting "
+        f"config.method alone would only relabel the run. Choose the method where the config "
+        f"file takes it (e.g. configs/cifar100.py:resnet32x4-resnet8x4,method={c.method}), or "
+        f"also set --config.loss.base={base} --config.loss.weighting={weighting}.")
   if c.mode == "distill" and c.loss.base == "ce":
     raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
                       "mode 'teacher' for plain CE training.")
@@ -235,14 +255,30 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
     raise ConfigError(str(e)) from None
   if c.dtype not in DTYPES:
     raise ConfigError(f"config.dtype must be one of {DTYPES}, got {c.dtype!r}.")
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   for field in ("batch_size", "eval_batch_size", "num_epochs", "num_seeds"):
-    if not (isinstance(c[field], int) and c[field] > 0):
+    if not (is_int(c[field]) and c[field] > 0):
       raise ConfigError(f"config.{field} must be a positive integer, got {c[field]!r}.")
-  for field, low in (("eval_every_epochs", 1), ("log_every_steps", 0),
-                     ("checkpoint.every_steps", 0), ("checkpoint.keep", 1)):
-    value = c[field] if "." not in field else c.checkpoint[field.split(".")[1]]
-    if not (isinstance(value, int) and value >= low):
-      raise ConfigError(f"config.{field} must be an integer ≥ {low}, got {value!r}.")
+  for field, low, why in (
+      ("eval_every_epochs", 1, ""), ("log_every_steps", 0, ""),
+      ("checkpoint.every_steps", 0, " (0: at the end of every epoch)"),
+      ("checkpoint.keep", 1, ": the newest steps kept; with none the run could never resume"),
+      ("checkpoint.restore_step", 0, " (0: the newest step)")):
+    value = c[field] if "." not in field else c.checkpoint.get(field.split(".")[1], low)
+    if not (is_int(value) and value >= low):
+      raise ConfigError(f"config.{field} must be an integer ≥ {low}{why}, got {value!r}.")
+  allow = c.checkpoint.get("allow_changes", "")
+  if not isinstance(allow, str):
+    raise ConfigError(f"config.checkpoint.allow_changes must be a comma-separated string of "
+                      f"config fields, got {allow!r}.")
+  for name in allow_changes(c):
+    try:
+      node = c
+      for part in name.split("."):
+        node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f"config.checkpoint.allow_changes names {name!r}, which is not a "
+                        f"config field (e.g. num_epochs, optimizer.lr, loss).") from None
   spv = c.get("seeds_per_vmap", 0)
   if not (isinstance(spv, int) and 0 <= spv <= c.num_seeds):
     raise ConfigError(f"config.seeds_per_vmap must be an integer from 0 (automatic) to "
@@ -265,6 +301,12 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
       raise ConfigError(
           f"the teacher checkpoint {path or '(config.teacher.checkpoint is empty)'} does not "
           f"exist; " + teacher_commands(c))
+
+
+def allow_changes(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config fields a resume may change, from `checkpoint.allow_changes` ("a,b.c")."""
+  text = c.checkpoint.get("allow_changes", "") or ""
+  return tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
 
 
 def _optimizer(c: ml_collections.ConfigDict) -> optim.OptimizerConfig:
@@ -315,6 +357,8 @@ class RunSpec:
   dtype: str
   checkpoint_every_steps: int    # 0: every epoch
   checkpoint_keep: int
+  restore_step: int              # 0: the newest step
+  allow_changes: tuple[str, ...]  # config fields a resume may change
   log_every_steps: int
   eval_every_epochs: int
   progress_bar: bool
@@ -343,5 +387,7 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
       seeds=tuple(c.seed + i for i in range(int(c.get("num_seeds", 1)))),
       seeds_per_vmap=int(c.get("seeds_per_vmap", 0)), dtype=c.dtype,
       checkpoint_every_steps=int(c.checkpoint.every_steps),
-      checkpoint_keep=int(c.checkpoint.keep), log_every_steps=max(1, int(c.log_every_steps)),
+      checkpoint_keep=int(c.checkpoint.keep),
+      restore_step=int(c.checkpoint.get("restore_step", 0)), allow_changes=allow_changes(c),
+      log_every_steps=max(1, int(c.log_every_steps)),
       eval_every_epochs=int(c.eval_every_epochs), progress_bar=bool(c.progress_bar))

@@ -36,21 +36,47 @@ def _parser() -> argparse.ArgumentParser:
                  help="jaxkd model name, e.g. resnet32x4 (known: "
                  + ", ".join(models.available()) + ")")
   p.add_argument("--torch", required=True, dest="torch_file", help="PyTorch .pth file")
-  p.add_argument("--out", required=True, help="output directory (must not exist)")
+  p.add_argument("--out", required=True, help="output directory (must not exist, see "
+                 "--overwrite)")
   p.add_argument("--num_classes", type=int, default=None,
                  help="classes (default: read off the checkpoint's classifier)")
   p.add_argument("--part", choices=torch_import.DISTILLER_PARTS, default=None,
                  help="which model to take out of a distiller's checkpoint (mdistiller's "
                  "latest, best, epoch_N)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out, if it is empty or a jaxkd model folder "
+                 "(anything else is never deleted)")
   return p
+
+
+def _refused_pickle(message: str) -> bool:
+  return "Weights only load failed" in message or "weights_only" in message
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  out = os.path.abspath(args.out)
+  source = os.path.abspath(args.torch_file)
   try:
     name = models.spec(args.model).name
-    state_dict = torch_import.load_torch_file(args.torch_file)
+    # Checked before reading anything: replacing --out must never delete the source.
+    if os.path.realpath(source).startswith(os.path.realpath(out).rstrip(os.sep) + os.sep):
+      raise ValueError(f"the PyTorch file {source} lies inside --out {out}, which the "
+                       f"converter would replace; choose an --out outside it")
+    try:
+      checkpoint.check_replaceable(out, overwrite=args.overwrite)
+    except checkpoint.ModelExistsError as e:
+      raise ValueError(str(e).replace("(replace it with overwrite=True)",
+                                      "(pass --overwrite to replace it)")) from None
+    try:
+      state_dict = torch_import.load_torch_file(args.torch_file)
+    except ValueError as e:
+      if not _refused_pickle(str(e)):
+        raise
+      raise ValueError(
+          f"{source} holds Python objects other than tensors, and jaxkd reads PyTorch files "
+          f"with weights_only=True so that a file can never run code: it was not loaded. Save "
+          f"the state dict alone (torch.save(model.state_dict(), path)) and convert that") from None
     try:
       parts = torch_import.distiller_parts(state_dict)
       if parts and args.part is None:
@@ -65,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
       variables = torch_import.from_state_dict(name, state_dict, num_classes)
     except ValueError as e:
       raise ValueError(f"{os.path.abspath(args.torch_file)}: {e}") from None
-    out = os.path.abspath(args.out)
     metadata = checkpoint.save_model_variables(
         out, variables, model=name, num_classes=num_classes,
         source=os.path.abspath(args.torch_file), overwrite=args.overwrite)

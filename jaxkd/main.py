@@ -5,10 +5,15 @@
 
 The config is validated before anything heavy starts; a config that cannot run exits with
 code 2 and one message that says what is wrong and what to do. Restarting with the same
---workdir resumes the run from its last checkpoint. Several processes: set
+--workdir resumes the run from its last checkpoint, after checking that the config is the
+one that wrote it (docs/DESIGN.md#resume-safety). Ctrl-C or SIGTERM saves and exits with
+130 or 143. Several processes: set
 --coordinator_address, --num_processes and --process_id (or JAXKD_COORDINATOR, ...).
 """
 
+import errno
+import glob
+import os
 import sys
 
 from absl import app
@@ -30,6 +35,32 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a config override that names no field (ml_collections says
+  "did you mean ...?") or a preset the config file rejects reported in one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(" ".join(str(e).split()))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    fail(f"bad --config or override: {' '.join(str(text).split())}")
+
+
+def _no_space(e: BaseException) -> bool:
+  return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+      "No space left on device" in str(e))
+
+
+def _last_checkpoints(workdir: str) -> str:
+  found = []
+  for folder in sorted(glob.glob(os.path.join(workdir, "**", "checkpoints"), recursive=True)):
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()]
+    if steps:
+      found.append(f"{folder}/{max(steps)}")
+  return ", ".join(found) or "none"
+
+
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
@@ -45,6 +76,7 @@ def main(argv):
   from jaxkd import sharding
   from jaxkd import suite
   from jaxkd import train
+  from jaxkd.train import workdir as jworkdir
 
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
@@ -62,14 +94,22 @@ def main(argv):
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
       print(train.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
-  except (jdata.DatasetNotFoundError, train.IncompatibleCheckpointError) as e:
+  except (jdata.DatasetNotFoundError, jdata.BadDataError, jconfig.ConfigError,
+          jworkdir.RunError) as e:
     fail(str(e))
   except train.TrainingDiverged as e:
     print(f"jaxkd: error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
-  except KeyboardInterrupt:
-    sys.exit(130)
+  except KeyboardInterrupt as e:
+    sys.exit(getattr(e, "exit_code", 130))
+  except Exception as e:  # pylint: disable=broad-except
+    if not _no_space(e):
+      raise
+    fail(f"no space left on device while writing to {FLAGS.workdir} "
+         f"({getattr(e, 'filename', None) or type(e).__name__}); the last complete "
+         f"checkpoint: {_last_checkpoints(FLAGS.workdir)}. Free some space and rerun the same "
+         f"command to resume from it.")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -32,16 +32,21 @@ from jaxkd import config as jconfig
 from jaxkd import data as jdata
 from jaxkd import models
 from jaxkd import sharding
+from jaxkd.train import interrupts
 from jaxkd.train import report
+from jaxkd.train import resume
 from jaxkd.train import step as jstep
+from jaxkd.train import workdir as jworkdir
+
+IncompatibleCheckpointError = resume.IncompatibleCheckpointError
+RunError = jworkdir.RunError
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or inf; the last good checkpoint is untouched."""
 
 
-class IncompatibleCheckpointError(ValueError):
-  """The workdir holds a run checkpoint this version of jaxkd cannot continue."""
+Interrupted = interrupts.Interrupted
 
 
 # The layout of a run checkpoint (train state with a leading seed axis, data state, per-seed
@@ -103,11 +108,14 @@ class Experiment:
     spec = self.spec
     if spec.objective.targets != "teacher":
       return None, None
-    variables, meta = checkpoint.restore_model_variables(spec.teacher_checkpoint)
-    name = meta.get("model", spec.teacher_model)
-    if spec.teacher_model and models.spec(name).name != models.spec(spec.teacher_model).name:
-      raise ValueError(f"teacher checkpoint {spec.teacher_checkpoint} holds a {name}, but "
-                       f"config.teacher.model is {spec.teacher_model}.")
+    name = check_teacher(spec, self.num_classes)["model"]
+    try:
+      variables, _ = checkpoint.restore_model_variables(spec.teacher_checkpoint)
+    except Exception as e:  # orbax and tensorstore raise many kinds for a damaged folder
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      raise RunError(f"the teacher checkpoint {spec.teacher_checkpoint} could not be read "
+                     f"({type(e).__name__}: {first}); convert or train the teacher again "
+                     f"(see `python -m jaxkd.convert --help`).") from None
     return sharding.put_replicated(variables, self.mesh), name
 
   def init_state(self) -> jstep.TrainState:
@@ -136,41 +144,32 @@ class Experiment:
     return self.evaluate(self.teacher_eval_step, variables)[0]
 
 
+def check_teacher(spec: jconfig.RunSpec, num_classes: int) -> dict[str, Any]:
+  """The teacher's model.json, checked against the config and the dataset before anything is
+  built; raises RunError with what to do."""
+  path = spec.teacher_checkpoint
+  try:
+    meta = checkpoint.read_metadata(path)
+  except (FileNotFoundError, ValueError) as e:
+    nested = os.path.join(path, "model")
+    hint = (f"; did you mean {nested}?" if os.path.isfile(
+        os.path.join(nested, checkpoint.METADATA_FILE)) else "")
+    raise RunError(f"config.teacher.checkpoint: {e}{hint}") from None
+  name = meta.get("model", spec.teacher_model)
+  if spec.teacher_model and models.spec(name).name != models.spec(spec.teacher_model).name:
+    raise RunError(f"the teacher checkpoint {path} holds a {name}, but config.teacher.model is "
+                   f"{spec.teacher_model}; set --config.teacher.model={name} or point "
+                   f"config.teacher.checkpoint at a {spec.teacher_model}.")
+  if meta.get("num_classes") != num_classes:
+    raise RunError(f"the teacher checkpoint {path} has {meta.get('num_classes')} classes, but "
+                   f"{spec.data.name} has {num_classes}; use a teacher trained on this "
+                   f"dataset.")
+  return meta
+
+
 def _due(done: int, every: int, total: int) -> bool:
   """Whether a periodic action (log, evaluate, save) runs after `done` steps."""
   return done == total or (every > 0 and done % every == 0)
-
-
-class _Interrupt:
-  """Ctrl-C finishes the step in flight, saves and exits; a second Ctrl-C aborts at once.
-
-  Installed in single-process runs only: several processes must stop at the same step.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._active = jax.process_count() == 1
-    self._previous = None
-
-  def __enter__(self):
-    if self._active:
-      self._previous = signal.getsignal(signal.SIGINT)
-      signal.signal(signal.SIGINT, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.requested:
-      signal.signal(signal.SIGINT, self._previous)
-      raise KeyboardInterrupt
-    self.requested = True
-
-  def __exit__(self, exc_type, exc, tb):
-    if self._active:
-      signal.signal(signal.SIGINT, self._previous)
-    if exc_type is KeyboardInterrupt:
-      self.requested = True
-      return True
-    return False
 
 
 class _Run:
@@ -179,36 +178,28 @@ class _Run:
   def __init__(self, exp: Experiment, workdir: str):
     self.exp, self.workdir = exp, workdir
     spec = exp.spec
+    self.fingerprint = jworkdir.fingerprint(spec)
     self.manager = checkpoint.run_manager(os.path.join(workdir, "checkpoints"),
                                           keep=spec.checkpoint_keep,
                                           async_save=not sharding.multi_device_cpu())
-    self.writer = report.MetricWriter(workdir)
     self.state = exp.init_state()
     self.runs = [report.new_run_summary(s) for s in spec.seeds]
     self.teacher = None
     self.images_per_sec = None
-    latest = self.manager.latest_step()
-    if latest is not None:
-      self.state, meta = self._restore(latest)
+    self.resumed = resume.restore(
+        self.manager, self.state, workdir=workdir, fmt=RUN_CHECKPOINT_FORMAT,
+        fingerprint=self.fingerprint, allowed=spec.allow_changes,
+        restore_step=spec.restore_step)
+    if self.resumed is not None:
+      meta = self.resumed.meta
+      self.state = self.resumed.state
       self.runs, self.teacher = meta["runs"], meta.get("teacher")
       exp.train_data.set_state(meta["data"])
-      print(f"Resumed from {self.manager.directory}/{latest}.", flush=True)
-
-  def _restore(self, step: int):
-    where = f"{self.manager.directory}/{step}"
-    try:
-      state, meta = checkpoint.restore_run(self.manager, step, self.state)
-    except ValueError as e:
-      raise IncompatibleCheckpointError(
-          f"the checkpoint {where} does not fit this run ({str(e).splitlines()[0]}); it was "
-          f"written by another version of jaxkd or another config. Use a new --workdir, or "
-          f"the config that wrote it.") from None
-    if meta.get("format") != RUN_CHECKPOINT_FORMAT:
-      raise IncompatibleCheckpointError(
-          f"the checkpoint {where} was written by another version of jaxkd (format "
-          f"{meta.get('format', 'unversioned')!r}, this one reads {RUN_CHECKPOINT_FORMAT!r}); "
-          f"use a new --workdir.")
-    return state, meta
+      if jax.process_index() == 0:
+        jworkdir.drop_replayed_metrics(workdir, self.resumed.step)
+      print(f"Resumed from {self.manager.directory}/{self.resumed.step}.", flush=True)
+    self.writer = report.MetricWriter(workdir)
+    self._unchecked = []  # saved steps whose checksums are not recorded yet
 
   @property
   def step(self) -> int:
@@ -226,22 +217,46 @@ class _Run:
   def save(self, step: int, *, block: bool = False) -> None:
     if self.first_nonfinite() is not None:
       return
+    # orbax waits for the previous save before starting this one anyway; waiting here lets
+    # the checksums of that (now complete) step be recorded first.
+    self.record_checksums()
     checkpoint.save_run(self.manager, step, self.state,
                         {"format": RUN_CHECKPOINT_FORMAT, "data": self.exp.train_data.get_state(),
-                         "runs": self.runs, "teacher": self.teacher})
+                         "runs": self.runs, "teacher": self.teacher,
+                         "fingerprint": self.fingerprint})
+    self._unchecked.append(step)
     if block:
-      self.manager.wait_until_finished()
+      self.record_checksums()
+
+  def record_checksums(self) -> None:
+    """Waits for the save in flight, then records the checksums of every completed step."""
+    self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self._unchecked:
+        where = checkpoint.step_directory(self.manager, step)
+        if os.path.isdir(where):  # not already removed by keep=k
+          checkpoint.record_checksums(where)
+    self._unchecked = []
 
   def check_finite(self) -> None:
     bad = self.first_nonfinite()
     if bad is None:
       return
-    self.manager.wait_until_finished()
-    last = self.manager.latest_step()
-    where = (f"the last good checkpoint is {self.manager.directory}/{last} (intact); restart "
-             f"with the same --workdir to resume from it after fixing the cause (e.g. a lower "
-             f"learning rate)" if last is not None else "no checkpoint had been written yet")
-    raise TrainingDiverged(f"The loss became NaN or inf at step {bad}; {where}.")
+    self.record_checksums()
+    steps = sorted(self.manager.all_steps())
+    where = "no checkpoint had been written yet"
+    if steps:
+      # The guard checks every floating value of the state (parameters, BatchNorm statistics,
+      # optimizer state) before a step is kept, and no step is saved after it fired.
+      where = (f"the newest checkpoint, {self.manager.directory}/{steps[-1]}, holds only finite "
+               f"values; rerun with the same --workdir to resume from it after fixing the cause "
+               f"(e.g. a lower learning rate, with --config.checkpoint.allow_changes=optimizer.lr)"
+               + (f", or from an older step with --config.checkpoint.restore_step=N (saved: "
+                  f"{', '.join(map(str, steps))})" if len(steps) > 1 else ""))
+    # `nonfinite_step` is the state's step counter before the bad update: metrics.jsonl
+    # counts that update as step bad + 1.
+    raise TrainingDiverged(f"The loss or the state became NaN or inf at step {bad + 1}; "
+                           f"{where}.")
 
   def evaluate_teacher(self, step: int) -> None:
     if self.exp.teacher_eval_step is None or self.teacher is not None:
@@ -285,26 +300,33 @@ class _Run:
           overwrite=True)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.record_checksums()
     self.manager.close()
     self.writer.close()
 
 
-def _save_run_info(config: ml_collections.ConfigDict, workdir: str, exp: Experiment) -> None:
+def _save_run_info(config: ml_collections.ConfigDict, workdir: str, run: _Run) -> None:
+  """config.json and run_info.json, written once the run has started or resumed for sure."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  exp = run.exp
+  report.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   info = {"versions": report.versions(), "devices": [str(d) for d in jax.devices()],
           "device_kind": jax.devices()[0].device_kind, "process_count": jax.process_count(),
           "global_batch": exp.spec.batch_size, "steps_per_epoch": exp.steps_per_epoch,
           "total_steps": exp.total_steps, "device_resident_input": exp.spec.data.device_resident,
           "python": sys.version.split()[0]}
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(info, f, indent=1)
+  r = run.resumed
+  start = {"start_step": run.step, "resumed_from": None if r is None else r.step,
+           "pid": os.getpid()}
+  if r is not None and r.changes:
+    start["allowed_changes"] = [{"field": k, "old": a, "new": b} for k, a, b in r.changes]
+  if r is not None and r.skipped:
+    start["skipped_checkpoints"] = r.skipped
+  jworkdir.record_start(workdir, info, start)
 
 
-def _train(run: _Run, interrupt: _Interrupt) -> None:
+def _train(run: _Run, interrupt: interrupts.Interrupt) -> None:
   """Steps from the run's current step to the end, or until Ctrl-C."""
   exp, spec = run.exp, run.exp.spec
   total, start = exp.total_steps, run.step
@@ -344,23 +366,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   `devices` (default: all) builds the mesh from a subset, for tests and benchmarks.
   """
+  jconfig.validate(config, device_count=len(devices) if devices else jax.device_count())
   spec = jconfig.resolve(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  exp = Experiment(spec, devices)
-  _save_run_info(config, workdir, exp)
+  jworkdir.prepare(workdir, spec.teacher_checkpoint)
+  try:
+    checkpoint.check_replaceable(os.path.join(workdir, "model"), overwrite=True)
+  except checkpoint.ModelExistsError as e:
+    raise RunError(f"the run would export its model there at the end, but {e}.") from None
+  with jworkdir.WorkdirLock(workdir, active=jax.process_index() == 0):
+    if spec.objective.targets == "teacher":
+      check_teacher(spec, jdata.spec(spec.data.name, **dict(spec.data.spec_overrides)).num_classes)
+    # A changed config stops the run here, before any data is read or anything compiled.
+    resume.precheck(os.path.join(workdir, "checkpoints"), fmt=RUN_CHECKPOINT_FORMAT,
+                    fingerprint=jworkdir.fingerprint(spec), allowed=spec.allow_changes,
+                    restore_step=spec.restore_step)
+    exp = Experiment(spec, devices)
+    try:
+      return _train_and_evaluate(config, spec, exp, workdir)
+    finally:
+      exp.train_data.close()
+      exp.eval_data.close()
+
+
+def _train_and_evaluate(config, spec, exp, workdir):
   run = _Run(exp, workdir)
+  _save_run_info(config, workdir, run)
   try:
     run.evaluate_teacher(run.step)
-    with _Interrupt() as interrupt:
+    with interrupts.Interrupt() as interrupt:
       _train(run, interrupt)
     if interrupt.requested:
       step = run.step
       if run.manager.latest_step() != step:
         run.save(step, block=True)
-      print(f"Interrupted: saved step {step} in {run.manager.directory}; rerun with the same "
-            f"--workdir to resume.", flush=True)
-      raise KeyboardInterrupt
+      name = signal.Signals(interrupt.signum).name
+      print(f"Interrupted: saved step {step} in {run.manager.directory} ({name}); rerun with "
+            f"the same --workdir to resume.", flush=True)
+      raise Interrupted(interrupt.signum)
     run.manager.wait_until_finished()
     run.check_finite()
     run.export(spec.model)
@@ -371,5 +414,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return final
   finally:
     run.close()
-    exp.train_data.close()
-    exp.eval_data.close()

@@ -161,8 +161,11 @@ def train_step(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Array],
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
   with jax.named_scope("finite_guard"):
+    # Every floating leaf of the new state: an overflowing update can leave the loss and
+    # the parameters finite and put inf into a BatchNorm variance or the momentum.
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, batch_stats, opt_state))
+         if jnp.issubdtype(x.dtype, jnp.inexact)]))
     predictions = state.predictions
     if cfg.objective.targets == "self":
       probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
@@ -179,8 +182,9 @@ def _keep_if_finite(finite: jax.Array, state: TrainState, **new: Any) -> TrainSt
   """The state with `new` fields if the step was finite, else unchanged with the step recorded.
 
   A non-finite step leaves the state as it was, so the loop stops with a clear error and no
-  checkpoint ever holds NaNs. The caller also checks the parameters, because the loss can be
-  finite on the step whose update overflows them.
+  checkpoint ever holds NaNs. The caller checks the whole new state (parameters, BatchNorm
+  statistics, optimizer state), because the loss can be finite on the step whose update
+  overflows them.
   """
   keep = lambda n, o: jnp.where(finite, n, o)
   kept = {k: jax.tree.map(keep, v, getattr(state, k)) for k, v in new.items()}
