@@ -198,7 +198,8 @@ class _Run:
       if jax.process_index() == 0:
         jworkdir.drop_replayed_metrics(workdir, self.resumed.step)
       print(f"Resumed from {self.manager.directory}/{self.resumed.step}.", flush=True)
-    self.writer = report.MetricWriter(workdir)
+    self.writer = report.MetricWriter(
+        workdir, purge_step=None if self.resumed is None else self.resumed.step + 1)
     self._unchecked = []  # saved steps whose checksums are not recorded yet
 
   @property

@@ -45,9 +45,13 @@ def versions() -> dict[str, str]:
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`), process 0 only."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (`workdir/tb`), process 0 only.
 
-  def __init__(self, workdir: str):
+  `purge_step` (a resumed run: the step after its checkpoint) tells TensorBoard to discard
+  the events of later steps written before the restart, which the run logs again.
+  """
+
+  def __init__(self, workdir: str, purge_step: int | None = None):
     self.active = jax.process_index() == 0
     self._jsonl = self._tb = None
     if not self.active:
@@ -55,7 +59,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
     except ImportError:
       pass
 

@@ -144,6 +144,11 @@ def precheck(directory: str, *, fmt: str, fingerprint: dict[str, Any], allowed: 
   again, and reports damaged steps."""
   steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True) if (
       os.path.isdir(directory)) else []
+  if restore_step and restore_step not in steps:
+    raise NoUsableCheckpointError(
+        f"config.checkpoint.restore_step={restore_step} is not a saved step; {directory} "
+        + (f"holds steps {', '.join(map(str, sorted(steps)))}." if steps else
+           "holds no checkpoint; leave restore_step at 0 to start afresh."))
   for step in steps if not restore_step else [s for s in steps if s == restore_step]:
     where = os.path.join(directory, str(step))
     try:
