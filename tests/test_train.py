@@ -133,7 +133,8 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(small_
   diverges, stops naming the step and the last good checkpoint, and that checkpoint (and
   every later one it wrote) holds only finite numbers."""
   train_run(quick_config(small_dir, steps=3), str(tmp_path))
-  c = quick_config(small_dir, steps=12, **{"optimizer.lr": 1e12})
+  c = quick_config(small_dir, steps=12, **{"optimizer.lr": 1e12,
+                                           "checkpoint.allow_changes": "optimizer.lr"})
   c.checkpoint.every_steps = 1
   with pytest.raises(train.TrainingDiverged, match=r"NaN or inf at step \d+") as info:
     train_run(c, str(tmp_path))
@@ -236,10 +237,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(small_dir, tmp_path):
 
 def test_a_checkpoint_of_another_run_is_refused_clearly(small_dir, tmp_path):
   """Resuming a workdir whose checkpoint holds another model's state stops with a message
-  that names the checkpoint and what to do (exit 2 from the CLI), not an orbax traceback."""
+  that names the checkpoint, the changed field and what to do (exit 2 from the CLI), not an
+  orbax traceback. The config fingerprint stored with the checkpoint catches it first."""
   train_run(quick_config(small_dir, steps=3), str(tmp_path))
-  with pytest.raises(train.IncompatibleCheckpointError,
-                     match=r"checkpoints/3 does not fit this run.*Use a new --workdir"):
+  with pytest.raises(train.RunError,
+                     match=r"checkpoints/3: model: 'quick_student' → 'quick_teacher'.*"
+                     r"Use a new --workdir"):
     train_run(quick_config(small_dir, model="quick_teacher", steps=6), str(tmp_path))
 
 

@@ -12,7 +12,7 @@ import importlib
 
 _WHERE = {
     "Experiment": "loop", "train_and_evaluate": "loop", "TrainingDiverged": "loop",
-    "IncompatibleCheckpointError": "loop",
+    "IncompatibleCheckpointError": "loop", "RunError": "loop", "Interrupted": "loop",
     "describe": "report", "summarize_eval": "report",
     "default_seeds_per_vmap": "step", "eval_step": "step", "init_train_state": "step",
     "make_step_config": "step", "map_seeds": "step", "model_variables": "step",
