@@ -23,7 +23,6 @@ elsewhere.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -31,34 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd import _lm_chunk
+from jaxkd import _lm_chunk, _lm_pass
 
 __all__ = ["DIVERGENCES", "WEIGHTINGS", "distill_loss", "distill_loss_topk"]
 
 Array = Any
 DIVERGENCES = _lm_chunk.DIVERGENCES
 WEIGHTINGS = (None, "entropy", "adaptive_entropy")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """Everything static about one call: shapes, the chunk layout and the loss settings."""
-  lead_shape: tuple[int, ...]
-  num_chunks: int
-  chunk: int
-  temperature: float
-  weighting_temperature: float
-  kind: str
-  beta: float
-  weighting: str | Callable | None
-  entropy_upper_bound: float
-  ce_weight: float
-  kd_weight: float
-  sparse: bool
-
-  @property
-  def num_tokens(self) -> int:
-    return math.prod(self.lead_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +94,7 @@ def _check_bias(bias, vocab, name):
 
 def _make_spec(lead, vocab, chunk_size, *, temperature, divergence, beta, weighting,
                weighting_temperature, entropy_upper_bound, ce_weight, kd_weight, labels,
-               sparse) -> _Spec:
+               sparse) -> _lm_pass.Spec:
   temperature = _check_number(temperature, "temperature", 0.0, math.inf, open_low=True)
   if temperature == math.inf:
     raise ValueError("temperature must be finite.")
@@ -141,170 +119,10 @@ def _make_spec(lead, vocab, chunk_size, *, temperature, divergence, beta, weight
   num_tokens = math.prod(lead)
   num_chunks = max(1, -(-num_tokens // int(chunk_size)))
   chunk = max(1, -(-num_tokens // num_chunks))
-  return _Spec(tuple(lead), num_chunks, chunk, temperature, tau,
+  return _lm_pass.Spec(tuple(lead), num_chunks, chunk, temperature, tau,
                _lm_chunk.kind_of(divergence, beta), beta, weighting, h_ub, ce_weight, kd_weight,
                sparse)
 
-
-# --------------------------------------------------------------------------------------------
-# The chunk layout. Token i goes to chunk i mod n at position i div n: each chunk is strided
-# over the whole token axis, so when tokens are sharded over devices every chunk is too, and
-# every device works on every chunk.
-
-
-def _to_chunks(x: jax.Array, spec: _Spec, fill=0) -> jax.Array:
-  """`[N, ...]` -> `[n, C, ...]`, padded with `fill` to n · C tokens."""
-  pad = spec.num_chunks * spec.chunk - x.shape[0]
-  if pad:
-    x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
-  return jnp.swapaxes(x.reshape((spec.chunk, spec.num_chunks) + x.shape[1:]), 0, 1)
-
-
-def _from_chunks(x: jax.Array, spec: _Spec) -> jax.Array:
-  """`[n, C]` -> the leading shape `[...]`, padding dropped."""
-  return jnp.swapaxes(x, 0, 1).reshape(-1)[: spec.num_tokens].reshape(spec.lead_shape)
-
-
-# --------------------------------------------------------------------------------------------
-# One pass over the chunks.
-
-
-def _logits(hidden, kernel, bias):
-  z = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
-  return z if bias is None else z + bias.astype(jnp.float32)
-
-
-def _chunk_terms(spec, zs, teacher_chunk, labels):
-  opts = dict(temperature=spec.temperature, weighting_temperature=spec.weighting_temperature,
-              kind=spec.kind, beta=spec.beta)
-  if spec.sparse:
-    ids, valid_ids, logprobs = teacher_chunk
-    return _lm_chunk.topk_terms(zs, ids, valid_ids, logprobs, labels, **opts)
-  return _lm_chunk.dense_terms(zs, teacher_chunk, labels, **opts)
-
-
-def _chunk_grad(spec, zs, teacher_chunk):
-  opts = dict(temperature=spec.temperature, kind=spec.kind, beta=spec.beta)
-  if spec.sparse:
-    ids, valid_ids, logprobs = teacher_chunk
-    return _lm_chunk.topk_grad(zs, ids, valid_ids, logprobs, **opts)
-  return _lm_chunk.dense_grad(zs, teacher_chunk, **opts)
-
-
-def _local_weights(spec: _Spec, stats: dict) -> jax.Array:
-  """The named weightings, from each token's own statistics."""
-  if spec.weighting == "entropy":  # ER-KD: w = H_t(τ′)
-    return stats["teacher_entropy"]
-  if spec.weighting == "adaptive_entropy":  # EA-KD: w = ½ H_t (1 + H_s / H_ub)
-    return 0.5 * stats["teacher_entropy"] * (1.0 + stats["student_entropy"] / spec.entropy_upper_bound)
-  return jnp.ones_like(stats["divergence"])
-
-
-def _pass(spec, student, teacher, labels, valid, weights, *, grads):
-  """Scans the chunks: per-token statistics `{name: [n, C]}` and, with grads, the gradients of
-  Σ_i c_kd,i D_i + c_ce,i CE_i with respect to (hidden `[n, C, Hs]`, kernel, bias).
-
-  weights: `[n, C]` given, or None to compute each chunk's from its own statistics.
-  """
-  hidden, kernel, bias = student
-  kept = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-  compute = jnp.result_type(hidden.dtype, kernel.dtype)
-
-  def teacher_logits(t_chunk):
-    if spec.sparse:
-      ids, logprobs = t_chunk
-      vocab = kernel.shape[1]
-      return ids, (ids >= 0) & (ids < vocab), logprobs.astype(jnp.float32)
-    t_hidden, t_kernel, t_bias = t_chunk[0], teacher[1], teacher[2]
-    return _logits(t_hidden, t_kernel, t_bias)
-
-  def body(carry, xs):
-    h, t_chunk, y, ok, w = xs
-    zs = _logits(h, kernel, bias)
-    tc = teacher_logits(t_chunk)
-    stats = _chunk_terms(spec, zs, tc, y)
-    stats["weights"] = _local_weights(spec, stats) if w is None else w
-    if not grads:
-      return carry, stats
-    g = jnp.zeros_like(zs)
-    if spec.kd_weight > 0:
-      c = spec.kd_weight * spec.temperature**2 * stats["weights"] / kept
-      g = g + c[:, None] * _chunk_grad(spec, zs, tc)
-    if spec.ce_weight > 0:
-      g = g + (spec.ce_weight / kept) * _lm_chunk.ce_grad(zs, stats["student_lse"], y)
-    g = jnp.where(ok[:, None], g, 0.0)
-    d_kernel, d_bias = carry
-    gc = g.astype(compute)
-    d_hidden = jnp.dot(gc, kernel.T.astype(compute), preferred_element_type=jnp.float32)
-    d_kernel = d_kernel + jnp.dot(h.T.astype(compute), gc, preferred_element_type=jnp.float32)
-    return (d_kernel, d_bias + jnp.sum(g, axis=0)), (stats, d_hidden.astype(hidden.dtype))
-
-  t_xs = teacher if spec.sparse else (teacher[0],)
-  xs = (hidden, t_xs, labels, valid, weights)
-  carry = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(kernel.shape[1:], jnp.float32))
-  carry, out = jax.lax.scan(body, carry if grads else (), xs)
-  if not grads:
-    return out, None
-  stats, d_hidden = out
-  d_kernel, d_bias = carry
-  return stats, (d_hidden, d_kernel.astype(kernel.dtype),
-                 None if bias is None else d_bias.astype(bias.dtype))
-
-
-def _loss(spec, stats, valid):
-  """ce_weight · mean_where CE + kd_weight · τ² · (1/N) Σ_where w_i D_i, N = Σ where."""
-  kept = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-  total = 0.0
-  if spec.kd_weight > 0:
-    kd = jnp.where(valid, stats["weights"] * stats["divergence"], 0.0)
-    total = total + spec.kd_weight * spec.temperature**2 * jnp.sum(kd) / kept
-  if spec.ce_weight > 0:
-    ce = jnp.where(valid, -stats["student_logp_label"], 0.0)
-    total = total + spec.ce_weight * jnp.sum(ce) / kept
-  return jnp.asarray(total, jnp.float32)
-
-
-def _user_weights(spec, stats, valid):
-  """A weighting function's weights `[n, C]` from the statistics in the leading shape."""
-  shaped = {k: _from_chunks(v, spec) for k, v in stats.items() if k != "weights"}
-  w = jnp.asarray(spec.weighting(shaped), jnp.float32)
-  if w.shape != spec.lead_shape:
-    raise ValueError(f"the weighting function must return weights of the tokens' shape "
-                     f"{spec.lead_shape}, got {w.shape}.")
-  return jnp.where(valid, _to_chunks(jax.lax.stop_gradient(w).reshape(-1), spec), 0.0)
-
-
-def _forward(spec, student, teacher, labels, valid, *, grads):
-  weights = None
-  if callable(spec.weighting):
-    stats, _ = _pass(spec, student, teacher, labels, valid, None, grads=False)
-    weights = _user_weights(spec, stats, valid)
-    if not grads:
-      stats["weights"] = weights
-      return (_loss(spec, stats, valid), stats), None
-  stats, d = _pass(spec, student, teacher, labels, valid, weights, grads=grads)
-  return (_loss(spec, stats, valid), stats), d
-
-
-def _fused_primal(spec, student, teacher, labels, valid):
-  return _forward(spec, student, teacher, labels, valid, grads=False)[0]
-
-
-def _fused_fwd(spec, student, teacher, labels, valid):
-  return _forward(spec, student, teacher, labels, valid, grads=True)
-
-
-def _fused_bwd(spec, d, cotangents):
-  # The loss is a scalar, so its gradient is the forward's, scaled by the incoming cotangent.
-  # The statistics are returned without gradient (the caller stops it): their cotangents are
-  # zero. The teacher, labels and mask get none.
-  del spec
-  g = cotangents[0]
-  return jax.tree.map(lambda x: (g * x).astype(x.dtype), d), None, None, None
-
-
-_fused = jax.custom_vjp(_fused_primal, nondiff_argnums=(0,))
-_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,13 +181,13 @@ def _run(spec, hidden, kernel, bias, teacher_tokens, teacher_head, labels, where
   flat = jnp.where(valid[:, None], flat, jnp.zeros((), flat.dtype))
   y = jnp.zeros(spec.num_tokens, jnp.int32) if labels is None else labels.reshape(-1)
   y = jnp.where(valid, y, 0).astype(jnp.int32)
-  chunked = [_to_chunks(t, spec, fill) for t, fill in teacher_tokens]
+  chunked = [_lm_pass.to_chunks(t, spec, fill) for t, fill in teacher_tokens]
   teacher = tuple(chunked) + tuple(teacher_head)
-  loss, stats = _fused(spec, (_to_chunks(flat, spec), kernel, bias), teacher,
-                       _to_chunks(y, spec), _to_chunks(valid, spec, False))
+  loss, stats = _lm_pass.fused(spec, (_lm_pass.to_chunks(flat, spec), kernel, bias), teacher,
+                       _lm_pass.to_chunks(y, spec), _lm_pass.to_chunks(valid, spec, False))
   if not return_stats:
     return loss
-  stats = {k: jax.lax.stop_gradient(_from_chunks(v, spec)) for k, v in stats.items()}
+  stats = {k: jax.lax.stop_gradient(_lm_pass.from_chunks(v, spec)) for k, v in stats.items()}
   return loss, stats
 
 
