@@ -111,3 +111,32 @@ def test_user_errors_are_one_line_with_exit_2(small_dir, tmp_path, case):
     expected = f"did you mean {teacher}/model?"
   line = one_error_line(cli(args, env=ONE_DEVICE, timeout=300))
   assert expected in line, line
+
+
+_FULL_DISK = """
+import errno, runpy, sys
+from jaxkd import checkpoint
+real, calls = checkpoint.save_run, []
+def save_run(manager, step, state, meta):
+  calls.append(step)
+  if len(calls) > 1:  # the disk fills up after the first checkpoint
+    raise OSError(errno.ENOSPC, "No space left on device", str(manager.directory))
+  return real(manager, step, state, meta)
+checkpoint.save_run = save_run
+sys.argv = ["jaxkd.main"] + sys.argv[1:]
+runpy.run_module("jaxkd.main", run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_error_line_naming_the_last_checkpoint(small_dir, tmp_path):
+  """A simulated ENOSPC on the second save: one line saying what could not be written, the
+  last complete checkpoint and what to do (it used to be dozens of tracebacks)."""
+  workdir = str(tmp_path / "run")
+  result = subprocess.run(
+      [sys.executable, "-c", _FULL_DISK, *run_cli_config(workdir, small_dir, 6)], cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", **ONE_DEVICE}, capture_output=True,
+      text=True, timeout=300)
+  line = one_error_line(result)
+  assert "no space left on device" in line
+  assert f"the last complete checkpoint: {workdir}/teacher/checkpoints/2" in line
+  assert "rerun the same command to resume" in line

@@ -126,13 +126,17 @@ def restore(manager, like: Any, *, workdir: str, fmt: str, fingerprint: dict[str
         f"{manager.directory} away to start afresh.")
   for line in skipped:
     print(f"Warning: {line}; falling back to an older step.", flush=True)
-  moved = [_move_aside(d, os.path.join(workdir, "damaged_checkpoints")) for d in damaged]
+  aside = [(d, "damaged_checkpoints") for d in damaged]
   if restore_step:
-    moved += [_move_aside(checkpoint.step_directory(manager, s),
-                          os.path.join(workdir, "superseded_checkpoints"))
+    aside += [(checkpoint.step_directory(manager, s), "superseded_checkpoints")
               for s in steps if s > restore_step]
-  if moved:
-    print(f"Moved aside (not deleted): {', '.join(moved)}.", flush=True)
+  if aside:
+    if jax.process_index() == 0:  # one process moves; the others wait for it
+      moved = [_move_aside(d, os.path.join(workdir, folder)) for d, folder in aside]
+      print(f"Moved aside (not deleted): {', '.join(moved)}.", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("jaxkd_checkpoints_moved_aside")
     manager.reload()
   return Resumed(step=step, state=state, meta=meta, changes=found, skipped=skipped)
 
