@@ -71,7 +71,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   for name, run_config in expand(config, workdir):
     print(f"== {name}: {run_config.mode} {run_config.model} ({run_config.method})", flush=True)
     start = time.perf_counter()
-    summary = train.train_and_evaluate(run_config, os.path.join(workdir, name))
+    try:
+      summary = train.train_and_evaluate(run_config, os.path.join(workdir, name))
+    except (jconfig.ConfigError, train.RunError) as e:
+      # Which run of the suite could not start: the others before it are done and kept.
+      e.args = (f"suite run {name!r}: {e}",) + e.args[1:]
+      raise
     rows.append({"run": name, "mode": run_config.mode, "model": run_config.model,
                  "method": run_config.method, "best_top1": summary["best_top1"],
                  "last_top1": summary["last_top1"], "best_epoch": summary["best_epoch"],

@@ -113,6 +113,34 @@ def test_a_student_in_its_teachers_workdir_is_refused(base, small_dir, tmp_path)
   assert open(os.path.join(workdir, "model", "model.json")).read() == model_json
 
 
+@pytest.mark.parametrize("edit,message", [
+    ({"num_classes": 100}, "has 100 classes, but fashion_mnist has 10"),
+    ({"model": "quick_teacher"}, "holds a quick_teacher, but config.teacher.model is "
+     "quick_student; set --config.teacher.model=quick_teacher"),
+])
+def test_a_mismatched_teacher_is_refused_before_anything_is_built(base, small_dir, tmp_path,
+                                                                  edit, message):
+  teacher = tmp_path / "teacher"
+  shutil.copytree(os.path.join(base[0], "model"), teacher)
+  meta = json.loads((teacher / "model.json").read_text())
+  (teacher / "model.json").write_text(json.dumps({**meta, **edit}))
+  c = quick_config(small_dir, mode="distill", method="kd",
+                   **{"teacher.checkpoint": str(teacher), "teacher.model": "quick_student"})
+  with pytest.raises(jworkdir.RunError, match=message):
+    train_run(c, str(tmp_path / "student"))
+  assert not os.path.exists(tmp_path / "student" / "checkpoints")
+
+
+def test_a_missing_fashion_teacher_suggests_a_command_that_works(small_dir, tmp_path):
+  """It suggested configs/cifar100.py:quick_teacher, which fails on Fashion-MNIST."""
+  c = quick_config(small_dir, mode="distill", method="kd",
+                   **{"teacher.checkpoint": str(tmp_path / "none")})
+  with pytest.raises(jconfig.ConfigError) as info:
+    jconfig.validate(c)
+  assert "configs/quickstart.py --config.suite=\"('teacher',)\"" in str(info.value)
+  assert "cifar100" not in str(info.value)
+
+
 # --- 2: nothing but a jaxkd model folder is ever replaced ------------------------------------
 
 

@@ -371,10 +371,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spec = jconfig.resolve(config)
   workdir = os.path.abspath(workdir)
   jworkdir.prepare(workdir, spec.teacher_checkpoint)
-  try:
-    checkpoint.check_replaceable(os.path.join(workdir, "model"), overwrite=True)
-  except checkpoint.ModelExistsError as e:
-    raise RunError(f"the run would export its model there at the end, but {e}.") from None
+  for i in range(len(spec.seeds)):  # the folders `_Run.export` writes at the end
+    try:
+      checkpoint.check_replaceable(
+          os.path.join(workdir, "model" + ("" if len(spec.seeds) == 1 else f"_seed{i}")),
+          overwrite=True)
+    except checkpoint.ModelExistsError as e:
+      raise RunError(f"the run would export its model there at the end, but {e}.") from None
   with jworkdir.WorkdirLock(workdir, active=jax.process_index() == 0):
     if spec.objective.targets == "teacher":
       check_teacher(spec, jdata.spec(spec.data.name, **dict(spec.data.spec_overrides)).num_classes)
