@@ -64,9 +64,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   from jaxkd import train  # deferred: the heavy imports
+  from jaxkd.train import workdir as jworkdir
 
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  jworkdir.prepare(workdir)  # a file or a read-only folder: one error line, not a traceback
   rows = []
   for name, run_config in expand(config, workdir):
     print(f"== {name}: {run_config.mode} {run_config.model} ({run_config.method})", flush=True)

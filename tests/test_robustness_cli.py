@@ -98,8 +98,7 @@ def test_user_errors_are_one_line_with_exit_2(small_dir, tmp_path, case):
     args.append("--config.optimzer.lr=0.1")
     expected = 'Did you mean "optimizer"'
   elif case == "workdir_file":
-    os.makedirs(workdir)
-    open(os.path.join(workdir, "teacher"), "w").close()
+    open(workdir, "w").close()
     expected = "is a file, not a folder"
   else:
     teacher = tmp_path / "teacher_run"
