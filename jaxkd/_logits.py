@@ -12,6 +12,7 @@ gradient.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import jax
@@ -171,10 +172,105 @@ def expectation(p: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def softmax_moments(u: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """For shifted logits u (max 0): Z = Σ exp(u) and Σ exp(u)·u, from ONE exp per element.
+  """For shifted logits u (max 0): Z = Σ exp(u) and Σ exp(u)·u, with 0 · (−inf) = 0.
 
-  Both sums read the same exp(u), so XLA computes them in a single sweep over memory; the
-  entropy of softmax(u) is log Z − (Σ e·u)/Z without a second pass to form p = e/Z first.
+  The entropy of softmax(u) is log Z − (Σ e·u)/Z without forming p = e/Z. Both sums read the
+  same exp(u); on XLA:CPU two reductions of one materialised `u` cost more than the two
+  isolated sweeps of `sum_exp` and `exp_moment`, which the loss layer uses on raw logits.
   """
   e = jnp.exp(u)
-  return jnp.sum(e, axis=-1), expectation(e, u)
+  return jnp.sum(e, axis=-1), jnp.sum(e * jnp.maximum(u, exp_floor(u.dtype)), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# One reduction per sweep, nothing of shape [..., C] written to memory.
+#
+# What the compiled HLO of the loss layer costs on XLA:CPU (benchmarks/results/
+# losses-hlo-passes-cpu-2core.md): a row reduction runs fast only when its fusion holds
+# exactly ONE reduction whose elementwise producer reads the raw logits and per-row values;
+# any `[..., C]` value that two fusions share (a shifted copy, an exp, even a broadcast of the
+# row max or of 1/τ) is written to memory first, and a select (`jnp.where`) on `[..., C]`
+# cannot be fused into a reduction at all. Each such buffer is a write and a read per sweep
+# and, past 32 MiB of temporaries, fresh pages on every call. So every reduction below reads
+# its inputs through its own optimisation barrier (`isolated`), which keeps XLA from merging
+# its producer with another reduction's, and writes 0·(±inf) = 0 without a select. Identical
+# reductions (same tag, same inputs) are still merged: KD at τ = 4 and ER-KD's entropy at
+# τ′ = 4 share one Σ exp.
+
+
+def isolated(tag: str, *arrays: Any) -> tuple:
+  """`arrays` unchanged, behind an optimisation barrier tagged `tag` (see above)."""
+  salt = np.int32(zlib.crc32(tag.encode()) & 0x7FFFFFFF)
+  return jax.lax.optimization_barrier((arrays, salt))[0]
+
+
+def exp_floor(dtype: Any) -> float:
+  """A shifted logit below which exp underflows to exactly 0 in `dtype` (−104.3 in float32).
+
+  Clamping u ≥ floor leaves exp(u) bit-identical and makes exp(u) · u = 0 where exp(u) = 0
+  (u = −inf included), the convention 0 · log 0 = 0 without a select.
+  """
+  return float(np.log(np.finfo(dtype).smallest_subnormal)) - 1.0
+
+
+def raw_row_max(z: Array) -> jax.Array:
+  """`row_max` of logits in their own dtype (exact: max commutes with the upcast), float32+."""
+  z = jnp.asarray(z)
+  return as_float32(row_max(z))
+
+
+def _math_dtype(*arrays: Array) -> Any:
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def _shifted(z: Array, m: jax.Array, temperature: Any) -> jax.Array:
+  return (as_float32(z) - m) / temperature
+
+
+def sum_exp(z: Array, m: jax.Array, temperature: Any = 1.0) -> jax.Array:
+  """Z = Σ_c exp((z_c − m)/τ) per row, one sweep; `m` the `[..., 1]` row max (`raw_row_max`)."""
+  z, m, temperature = isolated("sum_exp", z, m, temperature)
+  return jnp.sum(jnp.exp(_shifted(z, m, temperature)), axis=-1)
+
+
+def exp_moment(z: Array, m: jax.Array, temperature: Any = 1.0) -> jax.Array:
+  """Σ_c exp(u_c) · u_c per row, u = (z − m)/τ, with 0 · (−inf) = 0; one sweep.
+
+  With Z = `sum_exp`, the entropy of softmax(z/τ) is log Z − (this)/Z.
+  """
+  dtype = _math_dtype(z)
+  # The floor goes through the barrier too: a constant's broadcast shared by two fusions
+  # would be written to memory like any other shared [..., C] value.
+  z, m, temperature, floor = isolated("exp_moment", z, m, temperature,
+                                      jnp.asarray(exp_floor(dtype), dtype))
+  u = _shifted(z, m, temperature)
+  return jnp.sum(jnp.exp(u) * jnp.maximum(u, floor), axis=-1)
+
+
+def kl_cross(zs: Array, zt: Array, ms: jax.Array, mt: jax.Array,
+             temperature: Any = 1.0) -> jax.Array:
+  """Σ_c exp(u^t_c) · (u^t_c − u^s_c) per row (u = (z − m)/τ), one sweep over both logits.
+
+  0 · (±inf) = 0 where exp(u^t) = 0, and +inf where the teacher has mass on a class the
+  student puts at −inf, as the select `where(p^t > 0, ...)` would give: the student side is
+  clamped at −max_float (finite, so exp(u^t) = 0 still gives 0), and a second term is +inf
+  exactly where e > 0 meets u^s = −inf, 0 elsewhere: with f = min(⌈e · min(ū^s − u^s, 1)⌉, 1)
+  ∈ {0, 1}, 1/(1 − f) − 1 ∈ {0, +inf} (no product of constants that XLA could fold to inf).
+  """
+  dtype = _math_dtype(zs, zt)
+  zs, zt, ms, mt, temperature, floor, lowest, one = isolated(
+      "kl_cross", zs, zt, ms, mt, temperature, jnp.asarray(exp_floor(dtype), dtype),
+      jnp.asarray(-np.finfo(dtype).max, dtype), jnp.ones((), dtype))
+  us, ut = _shifted(zs, ms, temperature), _shifted(zt, mt, temperature)
+  e = jnp.exp(ut)
+  us_c = jnp.maximum(us, lowest)
+  hit = jnp.minimum(jnp.ceil(e * jnp.minimum(us_c - us, one)), one)
+  inf_mass = one / (one - hit) - one
+  return jnp.sum(e * (jnp.maximum(ut, floor) - us_c) + inf_mass, axis=-1)
+
+
+def row_sum(z: Array, m: jax.Array, power: int = 1) -> jax.Array:
+  """Σ_c (z_c − m)^power per row (power 1 or 2), one sweep."""
+  z, m = isolated(f"row_sum{power}", z, m)
+  d = as_float32(z) - m
+  return jnp.sum(d if power == 1 else d * d, axis=-1)

@@ -33,42 +33,60 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# The KL sweep with a closed-form gradient.
+# The KL sweeps with a closed-form gradient.
 
 
 @jax.custom_vjp
-def _kl_shifted(us: jax.Array, ut: jax.Array) -> jax.Array:
-  """KL(softmax(ut) ‖ softmax(us)) per row, for scaled logits already shifted to max 0.
+def _kl_rows(zs: jax.Array, zt: jax.Array, ms: jax.Array, mt: jax.Array,
+             temperature: jax.Array) -> jax.Array:
+  """KL(softmax(u^t) ‖ softmax(u^s)) per row, u = (z − m)/τ with m the `[..., 1]` row max.
 
   With e = exp(u) and Z = Σ e (row sums):
     KL = Σ_c e^t_c (u^t_c − u^s_c) / Z^t + log Z^s − log Z^t,
-  one sweep that accumulates Z^s, Z^t and the cross term together. The gradient is written
-  in closed form (`_kl_shifted_bwd`): one more sweep, instead of autodiff's replay of the
-  log-softmax on both sides.
+  three isolated sweeps of the raw logits (Z^s, Z^t, the cross term; `_logits.sum_exp`,
+  `_logits.kl_cross`) that write nothing of shape `[..., C]`. The gradient is written in
+  closed form (`_kl_rows_bwd`): one more sweep that recomputes both softmaxes from the raw
+  logits, instead of autodiff's replay of the log-softmax on both sides. The row maxima carry
+  no gradient (KL does not depend on them); τ gets its own.
   """
-  return _kl_shifted_fwd(us, ut)[0]
+  return _kl_rows_fwd(zs, zt, ms, mt, temperature)[0]
 
 
-def _kl_shifted_fwd(us, ut):
-  es, et = jnp.exp(us), jnp.exp(ut)
-  zs, zt = jnp.sum(es, axis=-1), jnp.sum(et, axis=-1)
-  kl = _logits.expectation(et, ut - us) / zt + jnp.log(zs) - jnp.log(zt)
-  return kl, (us, ut, zs, zt, kl)
+def _kl_rows_fwd(zs, zt, ms, mt, temperature):
+  sum_s = _logits.sum_exp(zs, ms, temperature)
+  sum_t = _logits.sum_exp(zt, mt, temperature)
+  cross = _logits.kl_cross(zs, zt, ms, mt, temperature)
+  kl = cross / sum_t + jnp.log(sum_s) - jnp.log(sum_t)
+  return kl, (zs, zt, ms, mt, temperature, sum_s, sum_t, kl)
 
 
-def _kl_shifted_bwd(res, g):
-  # dKL/dus_c = p^s_c − p^t_c ;  dKL/dut_c = p^t_c (log p^t_c − log p^s_c − KL).
-  us, ut, zs, zt, kl = res
-  log_ps = us - jnp.log(zs)[..., None]
-  log_pt = ut - jnp.log(zt)[..., None]
+def _kl_rows_bwd(res, g):
+  # dKL/dus_c = p^s_c − p^t_c ;  dKL/dut_c = p^t_c (log p^t_c − log p^s_c − KL) ;
+  # du/dz = 1/τ ;  du/dτ = −u/τ.
+  zs, zt, ms, mt, temperature, sum_s, sum_t, kl = res
+  us = (_logits.as_float32(zs) - ms) / temperature
+  ut = (_logits.as_float32(zt) - mt) / temperature
+  log_ps = us - jnp.log(sum_s)[..., None]
+  log_pt = ut - jnp.log(sum_t)[..., None]
   ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
   g = g[..., None]
   d_us = g * (ps - pt)
   d_ut = jnp.where(pt > 0, g * pt * (log_pt - log_ps - kl[..., None]), 0.0)
-  return d_us, d_ut
+  # Only a traced temperature keeps this sum alive; XLA drops it otherwise.
+  d_tau = -(_logits.expectation(jnp.abs(d_us), jnp.sign(d_us) * us)
+            + _logits.expectation(jnp.abs(d_ut), jnp.sign(d_ut) * ut)) / temperature
+  d_tau = jnp.sum(d_tau).reshape(jnp.shape(temperature)).astype(jnp.result_type(temperature))
+  return ((d_us / temperature).astype(zs.dtype), (d_ut / temperature).astype(zt.dtype),
+          jnp.zeros_like(ms), jnp.zeros_like(mt), d_tau)
 
 
-_kl_shifted.defvjp(_kl_shifted_fwd, _kl_shifted_bwd)
+_kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
+
+
+def _kl_shifted(us: jax.Array, ut: jax.Array) -> jax.Array:
+  """`_kl_rows` of scaled logits already shifted to a row maximum of 0 (m = 0, τ = 1)."""
+  zero = jnp.zeros(jnp.shape(us)[:-1] + (1,), jnp.result_type(us))
+  return _kl_rows(us, ut, zero, zero, jnp.ones((), jnp.result_type(us)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,8 +135,9 @@ def kl_divergence(student_logits: Array, teacher_logits: Array, *,
 
     KL_i = Σ_c p^t_ic (log p^t_ic − log p^s_ic),  p(τ) = softmax(z/τ)
 
-  computed from log-softmax on both sides (never the log of a softmax), 0·log 0 = 0, in one
-  sweep with a closed-form gradient. Not multiplied by τ² (docs/METHODS.md#kd).
+  computed from log-softmax on both sides (never the log of a softmax), 0·log 0 = 0, in three
+  sweeps of the raw logits that write nothing of shape `[..., C]`, with a closed-form
+  gradient (one more sweep). Not multiplied by τ² (docs/METHODS.md#kd).
 
   Args:
     student_logits: `[..., C]`.
@@ -135,9 +154,10 @@ def kl_divergence(student_logits: Array, teacher_logits: Array, *,
   """
   _logits.check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
   _logits.check_positive(temperature, "temperature")
-  us = _logits.scaled_shift(_logits.as_float32(student_logits), temperature)
-  ut = _logits.scaled_shift(_logits.as_float32(teacher_logits), temperature)
-  return _kl_shifted(us, ut)
+  zs, zt = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
+  dtype = jnp.promote_types(jnp.promote_types(zs.dtype, zt.dtype), jnp.float32)
+  return _kl_rows(zs, zt, _logits.raw_row_max(zs), _logits.raw_row_max(zt),
+                  jnp.asarray(temperature, dtype))
 
 
 def _target_split(u: jax.Array, lse: jax.Array, onehot: jax.Array):

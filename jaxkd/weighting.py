@@ -54,10 +54,14 @@ def _finish(w: jax.Array, normalize: str | None, where: Array | None,
 
 
 def _logits_and_mask(logits: Array, where: Array | None, name: str) -> jax.Array:
-  """float32 logits without gradient, excluded rows zeroed."""
+  """Logits without gradient, excluded rows zeroed; still in their own dtype.
+
+  The upcast to float32 happens inside each sweep (`_logits.sum_exp` etc.): a float32 copy of
+  bfloat16 logits, shared by several sweeps, would be written to memory.
+  """
   _logits.check_class_axis(logits, name)
   _logits.check_leading(where, jnp.shape(logits)[:-1], "where")
-  return _logits.mask_rows(jax.lax.stop_gradient(_logits.as_float32(logits)), where)
+  return _logits.mask_rows(jax.lax.stop_gradient(jnp.asarray(logits)), where)
 
 
 def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
@@ -66,9 +70,9 @@ def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
     H_i = −Σ_c p_ic log p_ic = log Z_i − Σ_c e_ic u_ic / Z_i,
     u = z/τ − max(z/τ),  e = exp(u),  Z = Σ_c e_c
 
-  computed without the log of a softmax, in one sweep for both sums; 0·log 0 = 0. The ER-KD
-  reference clamps p at 1e-10 inside the log, which differs from this by less than
-  C · 1e-10 · 23.
+  computed without the log of a softmax, in two sweeps of the raw logits (Z and Σ e·u, each
+  its own reduction, nothing of shape `[..., C]` written); 0·log 0 = 0. The ER-KD reference
+  clamps p at 1e-10 inside the log, which differs from this by less than C · 1e-10 · 23.
 
   Args:
     logits: `[..., C]`.
@@ -79,9 +83,11 @@ def entropy(logits: Array, *, temperature: float = 1.0) -> jax.Array:
   """
   _logits.check_class_axis(logits, "logits")
   _logits.check_positive(temperature, "temperature")
-  u = _logits.scaled_shift(_logits.as_float32(logits), temperature)
-  total, moment = _logits.softmax_moments(u)
-  return jnp.log(total) - moment / total
+  z = jnp.asarray(logits)
+  m = _logits.raw_row_max(z)
+  temperature = jnp.asarray(temperature, m.dtype)
+  total = _logits.sum_exp(z, m, temperature)
+  return jnp.log(total) - _logits.exp_moment(z, m, temperature) / total
 
 
 def teacher_entropy_weights(teacher_logits: Array, *, temperature: float = 4.0,
@@ -158,16 +164,16 @@ def adaptive_entropy_weights(teacher_logits: Array, student_logits: Array, *,
   return _finish(0.5 * h_t * (1.0 + h_s / h_ub), normalize, where)
 
 
-def _centered_scale(z: jax.Array, eps: float) -> jax.Array:
-  """std_c(z) + eps per row (unbiased), `[..., 1]`, from one sweep of Σd and Σd².
+def _centered_scale(z: jax.Array, eps: float, m: jax.Array | None = None) -> jax.Array:
+  """std_c(z) + eps per row (unbiased), `[..., 1]`, from sweeps of Σd and Σd².
 
-  d = z − max z: shifting by the row maximum (already computed for the softmax) keeps the
+  d = z − max z: shifting by the row maximum `m` (already computed for the softmax) keeps the
   one-pass variance Σd²/(C−1) − (Σd)²/(C(C−1)) well conditioned in float32.
   """
   c = z.shape[-1]
-  d = z - _logits.row_max(z)
-  s1 = jnp.sum(d, axis=-1, keepdims=True)
-  s2 = jnp.sum(d * d, axis=-1, keepdims=True)
+  m = _logits.raw_row_max(z) if m is None else m
+  s1 = _logits.row_sum(z, m, 1)[..., None]
+  s2 = _logits.row_sum(z, m, 2)[..., None]
   var = jnp.maximum(s2 - s1 * s1 / c, 0.0) / max(c - 1, 1)
   return jnp.sqrt(var) + eps
 
@@ -183,7 +189,7 @@ def standardize_logits(logits: Array, *, eps: float = 1e-7) -> jax.Array:
     <https://arxiv.org/abs/2403.01427>`_, CVPR 2024
   """
   z = _logits.as_float32(logits)
-  return (z - jnp.mean(z, axis=-1, keepdims=True)) / _centered_scale(z, eps)
+  return (z - jnp.mean(z, axis=-1, keepdims=True)) / _centered_scale(logits, eps)
 
 
 def _standardized_log_likelihood(logits: jax.Array, labels: jax.Array,
@@ -191,11 +197,14 @@ def _standardized_log_likelihood(logits: jax.Array, labels: jax.Array,
   """log softmax(std(z))_y per example (or of z itself without standardisation).
 
   The mean cancels inside a softmax, and the max of the z-scores is that of z mapped by the
-  same increasing affine map, so the shifted z-scores are (z − max z) / (std + eps).
+  same increasing affine map, so the shifted z-scores are (z − max z) / (std + eps). The label's
+  logit is gathered from the raw logits and shifted alone (`[...]`, not `[..., C]`).
   """
-  scale = _centered_scale(logits, 1e-7) if standardize else 1.0
-  u, lse = _logits.shifted_logsumexp(logits, scale)
-  return _logits.take_label(u, labels) - lse
+  m = _logits.raw_row_max(logits)
+  scale = _centered_scale(logits, 1e-7, m) if standardize else jnp.ones((), m.dtype)
+  lse = jnp.log(_logits.sum_exp(logits, m, scale))
+  z_y = _logits.as_float32(_logits.take_label(logits, labels))
+  return ((z_y - m[..., 0]) / scale[..., 0] if standardize else z_y - m[..., 0]) - lse
 
 
 def inverse_propensity_weights(kd_logits: Array, ce_logits: Array, labels: Array, *,
