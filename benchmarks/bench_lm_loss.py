@@ -52,8 +52,9 @@ def floor_flops(n, v, h):
 def make_inputs(n, v, h, dtype, seed=0):
   k = jax.random.split(jax.random.PRNGKey(seed), 4)
   scale = h ** -0.5
-  return (jax.random.normal(k[0], (n, h), dtype), (scale * jax.random.normal(k[1], (h, v))).astype(dtype),
-          jax.random.normal(k[2], (n, h), dtype), (scale * jax.random.normal(k[3], (h, v))).astype(dtype))
+  kernel = lambda key: (scale * jax.random.normal(key, (h, v))).astype(dtype)
+  return (jax.random.normal(k[0], (n, h), dtype), kernel(k[1]),
+          jax.random.normal(k[2], (n, h), dtype), kernel(k[3]))
 
 
 def jax_loss(kind, weighting_name, chunk_size, temperature):
@@ -190,6 +191,31 @@ def run_size(size, opts, torch):
   return rows
 
 
+def memory_by_chunk(size, chunks, weightings):
+  """Compiled memory (temporaries + outputs) of the fused loss per chunk size, and of dense:
+  compiled only, never run, so it is cheap at any size."""
+  n, v, h = parse_size(size)
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((n, h), (h, v), (n, h), (h, v))]
+  rows = []
+  for w in weightings:
+    dense = jax_memory(jax_loss("dense", w, 1, 1.0), args)
+    for c in chunks:
+      fused = jax_memory(jax_loss("fused", w, c, 1.0), args)
+      rows.append(dict(size=size, weighting=w, chunk=c, fused_bytes=fused, dense_bytes=dense))
+  return rows
+
+
+def memory_markdown(rows):
+  out = ["", "Compiled memory by chunk size (temporaries + outputs; compiled, not run):", "",
+         "| N × V × H | weighting | chunk | fused MiB | dense MiB | fused / dense |",
+         "|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['size']} | {r['weighting']} | {r['chunk']} | "
+               f"{r['fused_bytes'] / 2**20:.0f} | {r['dense_bytes'] / 2**20:.0f} | "
+               f"{r['fused_bytes'] / r['dense_bytes']:.3f} |")
+  return "\n".join(out) + "\n"
+
+
 def markdown(rows, meta):
   out = [f"# Fused lm_head + KD loss vs materialised logits, {meta['device']}", "",
          f"bf16 inputs, float32 loss math, forward + backward (grads w.r.t. student hidden and "
@@ -216,6 +242,9 @@ def main():
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--memory-size", default="8192x32000x512",
+                 help="N x V x H of the memory-by-chunk table ('' to skip)")
+  p.add_argument("--memory-chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
   p.add_argument("--out", default=str(RESULTS))
   p.add_argument("--torch-peak-worker", metavar="SIZE", help=argparse.SUPPRESS)
   opts = p.parse_args()
@@ -237,13 +266,16 @@ def main():
               load_average=os.getloadavg(), jax=jax.__version__,
               torch=None if torch is None else torch.__version__,
               torch_memory="allocator peak (GPU) or peak RSS growth of a fresh process (CPU)")
+  memory = (memory_by_chunk(opts.memory_size, opts.memory_chunks, opts.weightings)
+            if opts.memory_size else [])
   os.makedirs(opts.out, exist_ok=True)
   stem = os.path.join(opts.out, f"lm-loss-{device_slug()}")
   with open(stem + ".json", "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    json.dump(dict(meta=meta, rows=rows, memory_by_chunk=memory), f, indent=1)
+  text = markdown(rows, meta) + (memory_markdown(memory) if memory else "")
   with open(stem + ".md", "w") as f:
-    f.write(markdown(rows, meta))
-  print(markdown(rows, meta))
+    f.write(text)
+  print(text)
 
 
 if __name__ == "__main__":
