@@ -3,16 +3,20 @@
 Each objective is the distillation term of the training loss, differentiated with respect to
 the student logits (the teacher and the auxiliary IPWD head are inputs). jaxkd runs jitted;
 the same formulas run in PyTorch eager (written as the peers write them) on the same device in
-the same run. Median of --repeats runs after warm-up (compile excluded).
+the same run. The objectives of one size run in --rounds interleaved rounds (KD, ER-KD, ...,
+then again), so that another job's load falls on all of them alike; each round takes the median
+of --repeats runs after warm-up (compile excluded), and the table the median over rounds. The
+machine's load (1-minute load average and the cores other jobs keep busy, `busy_cores`) is
+recorded before every round.
 
   python benchmarks/bench_losses.py             # all sizes, writes benchmarks/results/
   python benchmarks/bench_losses.py --sizes 1024x100 --repeats 20
 """
 
 import argparse
-import functools
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import device_name, device_slug, median_time, RESULTS
+from bench_common import busy_cores, device_name, device_slug, median_time, RESULTS
 from jaxkd import losses, weighting
 
 SIZES = {"1024x100": (1024, 100), "1024x1000": (1024, 1000), "8192x1000": (8192, 1000),
@@ -117,17 +121,17 @@ def make_inputs(shape, dtype, seed=0):
   return s, te, g, y
 
 
-def bench_jax(fn, inputs, dtype, repeats):
+def jax_runner(fn, inputs, dtype):
+  """A no-argument call of the jitted forward + backward (compiled on first call)."""
   jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   s, te, g, y = inputs
   s, te, g = (jnp.asarray(x, jdtype) for x in (s, te, g))
   y = jnp.asarray(y)
   step = jax.jit(jax.value_and_grad(fn))
-  run = lambda: jax.block_until_ready(step(s, te, g, y))
-  return median_time(run, repeats)
+  return lambda: jax.block_until_ready(step(s, te, g, y))
 
 
-def bench_torch(torch, fn, inputs, dtype, repeats):
+def torch_runner(torch, fn, inputs, dtype):
   tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
   s, te, g, y = inputs
   # Flatten leading axes as a PyTorch user would; bf16 inputs are upcast for float32 math.
@@ -141,14 +145,17 @@ def bench_torch(torch, fn, inputs, dtype, repeats):
     loss.backward()
     return loss.item()
 
-  return median_time(run, repeats)
+  return run
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ", ".join(SIZES))
   parser.add_argument("--objectives", default="", help="comma list (default: all)")
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=10, help="runs per objective per round")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per size")
+  parser.add_argument("--repeats-large", type=int, default=2,
+                      help="runs per objective per round at the LM size (4x1024x32000)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args(argv)
@@ -165,28 +172,43 @@ def main(argv=None):
     shape = SIZES[size]
     dtype = "bfloat16" if len(shape) == 3 else "float32"
     inputs = make_inputs(shape, dtype)
+    repeats = args.repeats_large if len(shape) == 3 else args.repeats
+    runners = {n: (jax_runner(jobj[n], inputs, dtype),
+                   torch_runner(torch, tobj[n], inputs, dtype) if torch else None) for n in names}
+    times = {n: ([], []) for n in names}
+    loads = []
+    for _ in range(args.rounds):
+      loads.append(dict(load_average=round(os.getloadavg()[0], 2), busy_cores=busy_cores(0.5)))
+      for name in names:
+        jr, tr = runners[name]
+        times[name][0].append(median_time(jr, repeats, warmup=1))
+        if tr is not None:
+          times[name][1].append(median_time(tr, repeats, warmup=1))
     for name in names:
-      jt = bench_jax(jobj[name], inputs, dtype, args.repeats)
-      tt = bench_torch(torch, tobj[name], inputs, dtype, args.repeats) if torch else None
+      jt = statistics.median(times[name][0])
+      tt = statistics.median(times[name][1]) if times[name][1] else None
       row = dict(objective=name, size=size, dtype=dtype, jax_ms=jt * 1e3,
+                 jax_ms_rounds=[t * 1e3 for t in times[name][0]],
                  torch_ms=None if tt is None else tt * 1e3,
-                 speedup=None if tt is None else tt / jt)
+                 speedup=None if tt is None else tt / jt, load=loads)
       rows.append(row)
       print(f"{size:>13} {dtype:>8} {name:>24}: jaxkd {jt*1e3:9.3f} ms"
             + ("" if tt is None else f"  torch {tt*1e3:9.3f} ms  x{tt/jt:5.2f}"), flush=True)
-  # Reweighting overhead against plain KD / DKD of the same size.
+    print(f"{size:>13} load before each round: {loads}", flush=True)
+  # Ratio to plain KD (and, for the DKD family, to plain DKD) of the same size.
   base = {(r["size"], r["objective"]): r["jax_ms"] for r in rows}
   for r in rows:
-    ref = "DKD" if "DKD" in r["objective"] else "KD"
-    if (r["size"], ref) in base:
-      r["overhead_vs_" + ref.lower()] = r["jax_ms"] / base[(r["size"], ref)] - 1
+    for ref in ("KD", "DKD"):
+      if (r["size"], ref) in base:
+        r["ratio_to_" + ref.lower()] = r["jax_ms"] / base[(r["size"], ref)]
   write_results(rows, device, args)
 
 
 def write_results(rows, device, args):
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, f"losses-{device_slug(device)}")
-  meta = dict(device=device, jax=jax.__version__, repeats=args.repeats,
+  meta = dict(device=device, jax=jax.__version__, repeats=args.repeats, rounds=args.rounds,
+              repeats_large=args.repeats_large,
               timestamp=time.strftime("%Y-%m-%d %H:%M:%S"), python=sys.version.split()[0],
               what="forward+backward of the distillation term w.r.t. student logits, median")
   try:
@@ -199,17 +221,27 @@ def write_results(rows, device, args):
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
   lines = [f"# Loss benchmark on {device}", "",
            f"jax {meta['jax']}, torch {meta.get('torch', '-')}; {meta['what']} of {args.repeats} "
-           "runs after warm-up, compile excluded. speed-up = torch time / jaxkd time; overhead = "
-           "jaxkd time against plain KD (or DKD) of the same size.", "",
-           "| size | dtype | objective | jaxkd ms | torch eager ms | speed-up | overhead |",
-           "|---|---|---|---|---|---|---|"]
+           f"runs per round ({args.repeats_large} at 4x1024x32000), median over {args.rounds} interleaved rounds, compile excluded. "
+           "speed-up = torch time / jaxkd time; / KD = jaxkd time over plain KD's of the same "
+           "size (/ DKD: over plain DKD's, for the DKD family). Load: the 1-minute load average "
+           "and the cores other jobs kept busy (`busy_cores`) before each round, on a machine "
+           f"of {os.cpu_count()} cores.", "",
+           "| size | dtype | objective | jaxkd ms | / KD | / DKD | torch eager ms | speed-up |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    over = r.get("overhead_vs_kd", r.get("overhead_vs_dkd"))
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"
     lines.append(
         f"| {r['size']} | {r['dtype']} | {r['objective']} | {r['jax_ms']:.3f} | "
+        f"{fmt(r.get('ratio_to_kd'))} | "
+        f"{fmt(r.get('ratio_to_dkd') if 'DKD' in r['objective'] else None)} | "
         + ("-" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}") + " | "
-        + ("-" if r["speedup"] is None else f"{r['speedup']:.2f}x") + " | "
-        + ("-" if over is None or r["objective"] in ("KD", "DKD") else f"{over:+.1%}") + " |")
+        + fmt(r["speedup"]) + " |")
+  lines += ["", "| size | load average before each round | other jobs' busy cores |",
+            "|---|---|---|"]
+  for size in dict.fromkeys(r["size"] for r in rows):
+    load = next(r["load"] for r in rows if r["size"] == size)
+    lines.append(f"| {size} | {', '.join(str(l['load_average']) for l in load)} | "
+                 f"{', '.join(str(l['busy_cores']) for l in load)} |")
   with open(stem + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("wrote", stem + ".json", stem + ".md")
