@@ -118,7 +118,8 @@ def _pass(spec, student, teacher, labels, valid, weights, *, grads):
     zs = _logits(h, kernel, bias)
     tc = teacher_logits(t_chunk)
     stats = _chunk_terms(spec, zs, tc, y)
-    stats["weights"] = _local_weights(spec, stats) if w is None else w
+    w = _local_weights(spec, stats) if w is None else w
+    stats["weights"] = jnp.where(ok, w, 0.0)
     if not grads:
       return carry, stats
     g = jnp.zeros_like(zs)

@@ -154,9 +154,10 @@ def test_value_and_gradients_match_dense_and_numpy(divergence, weighting_):
   _directional_check(p, fused[1], stats["weights"], kw)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 29, 1024])
-@pytest.mark.parametrize("use_where,ce_weight", [(False, 0.0), (True, 0.0), (False, 1.0)])
+@pytest.mark.parametrize("chunk_size,use_where,ce_weight", [
+    (1, False, 0.0), (7, True, 1.0), (29, True, 0.0), (1024, False, 1.0)])
 def test_chunk_sizes_masks_and_ce(chunk_size, use_where, ce_weight):
+  """N = 29 tokens in chunks of 1 (29 chunks), 7 (5 chunks of 6, one padded), 29, 1024."""
   p = _problem(seed=2)
   kw = dict(temperature=1.0, divergence="forward_kl", weighting="adaptive_entropy",
             ce_weight=ce_weight, use_where=use_where)
@@ -239,6 +240,7 @@ def test_stats_are_the_per_token_quantities():
     _assert_close(np.asarray(stats[name])[keep], np.asarray(value)[keep], 2e-5, 2e-6)
   np.testing.assert_allclose(np.asarray(stats["weights"])[keep],
                              np.asarray(expect["teacher_entropy"])[keep], rtol=1e-6)
+  assert not np.any(np.asarray(stats["weights"])[~keep])
 
 
 def test_vmap_over_a_leading_axis():
