@@ -1,6 +1,6 @@
 """Private chunk layout and fused pass of `jaxkd.lm`: the scan over chunks and its custom VJP.
 
-Not public API. `fused(spec, student, teacher, labels, valid)` returns (loss, statistics) and,
+Not public API. `fused(spec, student, teacher, labels, valid, kept)` returns (loss, statistics) and,
 differentiated, the gradients with respect to the student's (hidden, kernel, bias) that the
 forward pass computed chunk by chunk (`jaxkd.lm` states the loss).
 """
@@ -59,6 +59,18 @@ def from_chunks(x: jax.Array, spec: Spec) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape(-1)[: spec.num_tokens].reshape(spec.lead_shape)
 
 
+def layout(num_tokens: int, chunk_size: int) -> tuple[int, int]:
+  """(n, C): the fewest chunks of at most `chunk_size` tokens, as even as possible."""
+  num_chunks = max(1, -(-num_tokens // chunk_size))
+  return num_chunks, max(1, -(-num_tokens // num_chunks))
+
+
+def with_tokens(spec: Spec, lead_shape: tuple[int, ...], chunk_size: int) -> Spec:
+  """`spec` for another set of tokens (one device's share)."""
+  num_chunks, chunk = layout(math.prod(lead_shape), chunk_size)
+  return dataclasses.replace(spec, lead_shape=lead_shape, num_chunks=num_chunks, chunk=chunk)
+
+
 # --------------------------------------------------------------------------------------------
 # One pass over the chunks.
 
@@ -95,14 +107,14 @@ def _local_weights(spec: Spec, stats: dict) -> jax.Array:
   return jnp.ones_like(stats["divergence"])
 
 
-def _pass(spec, student, teacher, labels, valid, weights, *, grads):
+def _pass(spec, student, teacher, labels, valid, kept, weights, *, grads):
   """Scans the chunks: per-token statistics `{name: [n, C]}` and, with grads, the gradients of
   Σ_i c_kd,i D_i + c_ce,i CE_i with respect to (hidden `[n, C, Hs]`, kernel, bias).
 
+  kept: the number of tokens the loss averages over (all devices' when sharded).
   weights: `[n, C]` given, or None to compute each chunk's from its own statistics.
   """
   hidden, kernel, bias = student
-  kept = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
   compute = jnp.result_type(hidden.dtype, kernel.dtype)
 
   def teacher_logits(t_chunk):
@@ -147,9 +159,8 @@ def _pass(spec, student, teacher, labels, valid, weights, *, grads):
                  None if bias is None else d_bias.astype(bias.dtype))
 
 
-def _loss(spec, stats, valid):
-  """ce_weight · mean_where CE + kd_weight · τ² · (1/N) Σ_where w_i D_i, N = Σ where."""
-  kept = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+def _loss(spec, stats, valid, kept):
+  """ce_weight · (1/N) Σ_where CE + kd_weight · τ² · (1/N) Σ_where w_i D_i, N = kept."""
   total = 0.0
   if spec.kd_weight > 0:
     kd = jnp.where(valid, stats["weights"] * stats["divergence"], 0.0)
@@ -170,24 +181,24 @@ def _user_weights(spec, stats, valid):
   return jnp.where(valid, to_chunks(jax.lax.stop_gradient(w).reshape(-1), spec), 0.0)
 
 
-def _forward(spec, student, teacher, labels, valid, *, grads):
+def _forward(spec, student, teacher, labels, valid, kept, *, grads):
   weights = None
   if callable(spec.weighting):
-    stats, _ = _pass(spec, student, teacher, labels, valid, None, grads=False)
+    stats, _ = _pass(spec, student, teacher, labels, valid, kept, None, grads=False)
     weights = _user_weights(spec, stats, valid)
     if not grads:
       stats["weights"] = weights
-      return (_loss(spec, stats, valid), stats), None
-  stats, d = _pass(spec, student, teacher, labels, valid, weights, grads=grads)
-  return (_loss(spec, stats, valid), stats), d
+      return (_loss(spec, stats, valid, kept), stats), None
+  stats, d = _pass(spec, student, teacher, labels, valid, kept, weights, grads=grads)
+  return (_loss(spec, stats, valid, kept), stats), d
 
 
-def _fused_primal(spec, student, teacher, labels, valid):
-  return _forward(spec, student, teacher, labels, valid, grads=False)[0]
+def _fused_primal(spec, student, teacher, labels, valid, kept):
+  return _forward(spec, student, teacher, labels, valid, kept, grads=False)[0]
 
 
-def _fused_fwd(spec, student, teacher, labels, valid):
-  return _forward(spec, student, teacher, labels, valid, grads=True)
+def _fused_fwd(spec, student, teacher, labels, valid, kept):
+  return _forward(spec, student, teacher, labels, valid, kept, grads=True)
 
 
 def _fused_bwd(spec, d, cotangents):
@@ -196,7 +207,7 @@ def _fused_bwd(spec, d, cotangents):
   # zero. The teacher, labels and mask get none.
   del spec
   g = cotangents[0]
-  return jax.tree.map(lambda x: (g * x).astype(x.dtype), d), None, None, None
+  return jax.tree.map(lambda x: (g * x).astype(x.dtype), d), None, None, None, None
 
 
 fused = jax.custom_vjp(_fused_primal, nondiff_argnums=(0,))

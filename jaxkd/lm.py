@@ -116,9 +116,7 @@ def _make_spec(lead, vocab, chunk_size, *, temperature, divergence, beta, weight
     raise ValueError("ce_weight > 0 needs labels (the next-token ids).")
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}.")
-  num_tokens = math.prod(lead)
-  num_chunks = max(1, -(-num_tokens // int(chunk_size)))
-  chunk = max(1, -(-num_tokens // num_chunks))
+  num_chunks, chunk = _lm_pass.layout(math.prod(lead), int(chunk_size))
   return _lm_pass.Spec(tuple(lead), num_chunks, chunk, temperature, tau,
                _lm_chunk.kind_of(divergence, beta), beta, weighting, h_ub, ce_weight, kd_weight,
                sparse)
@@ -172,23 +170,68 @@ def _prepare(student_hidden, student_kernel, labels, where, student_bias):
   return hidden, kernel, bias, lead, vocab, labels, where
 
 
+def _chunked(spec, flat, kernel, bias, tokens, fills, head, y, valid, kept):
+  """The fused pass over `[N, ...]` token arrays; statistics back as `[N]`."""
+  chunked = tuple(_lm_pass.to_chunks(t, spec, f) for t, f in zip(tokens, fills)) + tuple(head)
+  loss, stats = _lm_pass.fused(spec, (_lm_pass.to_chunks(flat, spec), kernel, bias), chunked,
+                               _lm_pass.to_chunks(y, spec), _lm_pass.to_chunks(valid, spec, False),
+                               kept)
+  return loss, {k: _lm_pass.from_chunks(v, spec).reshape(-1) for k, v in stats.items()}
+
+
+def _token_axes(token_sharding, num_tokens):
+  """(mesh, axis names, shard count) of the tokens' sharding, checked."""
+  if not isinstance(token_sharding, jax.sharding.NamedSharding):
+    raise ValueError(f"token_sharding must be a jax.sharding.NamedSharding whose spec shards "
+                     f"the tokens' leading axis, got {token_sharding!r}.")
+  axes = token_sharding.spec[0] if len(token_sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  if not axes:
+    raise ValueError(f"token_sharding {token_sharding.spec} does not shard the leading axis; "
+                     f"use e.g. NamedSharding(mesh, PartitionSpec('data')).")
+  shards = math.prod(token_sharding.mesh.shape[a] for a in axes)
+  if num_tokens % shards:
+    raise ValueError(f"token_sharding splits the tokens over {shards} devices, but N = "
+                     f"{num_tokens} tokens is not a multiple of {shards}: pad the batch.")
+  return token_sharding.mesh, axes, shards
+
+
 def _run(spec, hidden, kernel, bias, teacher_tokens, teacher_head, labels, where,
-         return_stats):
-  """Flattens, masks and lays out the tokens, runs the fused pass, unlays the statistics."""
+         return_stats, token_sharding, chunk_size):
+  """Flattens and masks the tokens, runs the fused pass (per device with `token_sharding`),
+  and returns the loss and, if asked, the statistics in the tokens' shape."""
   valid = jnp.ones(spec.num_tokens, bool) if where is None else where.reshape(-1)
   flat = hidden.reshape(-1, hidden.shape[-1])
   # Excluded rows are zeroed so that whatever they held (NaN, inf) reaches no chunk's logits.
   flat = jnp.where(valid[:, None], flat, jnp.zeros((), flat.dtype))
   y = jnp.zeros(spec.num_tokens, jnp.int32) if labels is None else labels.reshape(-1)
   y = jnp.where(valid, y, 0).astype(jnp.int32)
-  chunked = [_lm_pass.to_chunks(t, spec, fill) for t, fill in teacher_tokens]
-  teacher = tuple(chunked) + tuple(teacher_head)
-  loss, stats = _lm_pass.fused(spec, (_lm_pass.to_chunks(flat, spec), kernel, bias), teacher,
-                       _lm_pass.to_chunks(y, spec), _lm_pass.to_chunks(valid, spec, False))
+  tokens = tuple(t for t, _ in teacher_tokens)
+  fills = tuple(f for _, f in teacher_tokens)
+  if token_sharding is None:
+    kept = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    loss, stats = _chunked(spec, flat, kernel, bias, tokens, fills, teacher_head, y, valid,
+                           kept)
+  else:
+    mesh, axes, shards = _token_axes(token_sharding, spec.num_tokens)
+    local_spec = _lm_pass.with_tokens(spec, (spec.num_tokens // shards,), chunk_size)
+
+    def local(flat, kernel, bias, tokens, head, y, valid):
+      kept = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1).astype(jnp.float32)
+      loss, stats = _chunked(local_spec, flat, kernel, bias, tokens, fills, head, y, valid,
+                             kept)
+      return loss[None], stats
+    rows, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+    # Each device walks its own tokens and returns its share of the loss; the kernel is
+    # replicated, so its gradient is summed over devices once, when the shard_map transposes.
+    parts, stats = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, whole, whole, rows, whole, rows, rows),
+        out_specs=(rows, rows), check_vma=False)(flat, kernel, bias, tokens,
+                                                 tuple(teacher_head), y, valid)
+    loss = jnp.sum(parts)
   if not return_stats:
     return loss
-  stats = {k: jax.lax.stop_gradient(_lm_pass.from_chunks(v, spec)) for k, v in stats.items()}
-  return loss, stats
+  return loss, {k: jax.lax.stop_gradient(v.reshape(spec.lead_shape)) for k, v in stats.items()}
 
 
 def distill_loss(student_hidden: Array, student_kernel: Array, teacher_hidden: Array,
@@ -199,7 +242,8 @@ def distill_loss(student_hidden: Array, student_kernel: Array, teacher_hidden: A
                  entropy_upper_bound: float | None = None,
                  ce_weight: float = 0.0, kd_weight: float = 1.0, where: Array | None = None,
                  student_bias: Array | None = None, teacher_bias: Array | None = None,
-                 chunk_size: int = 1024, return_stats: bool = False):
+                 chunk_size: int = 1024, return_stats: bool = False,
+                 token_sharding: jax.sharding.NamedSharding | None = None):
   """The lm_head and a per-token reweighted KD loss, fused, chunked over tokens.
 
   Args:
@@ -221,13 +265,18 @@ def distill_loss(student_hidden: Array, student_kernel: Array, teacher_hidden: A
     chunk_size: tokens per chunk, C. Memory is O(C · V) float32 per live temporary; N need
       not be a multiple of C (the tokens are spread evenly over ⌈N / C⌉ chunks).
     return_stats: also return the per-token statistics.
+    token_sharding: None, or the `NamedSharding` of the tokens' leading axis (e.g.
+      `NamedSharding(mesh, PartitionSpec("data"))`, N a multiple of its device count): each
+      device then walks only its own tokens, in chunks of `chunk_size`, and the kernel
+      gradient is summed over devices once instead of once per chunk. A weighting function
+      then sees one device's tokens at a time, flattened. Without it, sharded tokens still
+      give the same value (GSPMD), each chunk spanning all devices.
 
   Returns:
     float32 scalar loss, and with `return_stats` the statistics dict.
   """ + _LOSS_DOC + """
   Matmuls take the inputs' dtype and accumulate in float32; every softmax, entropy and
-  divergence is float32; the kernel gradient accumulates over chunks in float32. Tokens may be
-  sharded over a mesh axis (GSPMD): every chunk then spans all devices.
+  divergence is float32; the kernel gradient accumulates over chunks in float32.
   """
   hidden, kernel, bias, lead, vocab, labels, where = _prepare(
       student_hidden, student_kernel, labels, where, student_bias)
@@ -244,7 +293,8 @@ def distill_loss(student_hidden: Array, student_kernel: Array, teacher_hidden: A
   if where is not None:
     t_flat = jnp.where(where.reshape(-1)[:, None], t_flat, jnp.zeros((), t_flat.dtype))
   head = jax.lax.stop_gradient((t_kernel, t_bias))
-  return _run(spec, hidden, kernel, bias, [(t_flat, 0)], head, labels, where, return_stats)
+  return _run(spec, hidden, kernel, bias, [(t_flat, 0)], head, labels, where, return_stats,
+              token_sharding, chunk_size)
 
 
 def distill_loss_topk(student_hidden: Array, student_kernel: Array, teacher_topk_ids: Array,
@@ -255,7 +305,8 @@ def distill_loss_topk(student_hidden: Array, student_kernel: Array, teacher_topk
                       entropy_upper_bound: float | None = None, ce_weight: float = 0.0,
                       kd_weight: float = 1.0, where: Array | None = None,
                       student_bias: Array | None = None, chunk_size: int = 1024,
-                      return_stats: bool = False):
+                      return_stats: bool = False,
+                      token_sharding: jax.sharding.NamedSharding | None = None):
   """`distill_loss` against a sparse teacher stored offline as its top-k log-probabilities.
 
   Args:
@@ -293,7 +344,7 @@ def distill_loss_topk(student_hidden: Array, student_kernel: Array, teacher_topk
   ids = jax.lax.stop_gradient(ids.reshape(-1, k).astype(jnp.int32))
   logprobs = jax.lax.stop_gradient(logprobs.reshape(-1, k).astype(jnp.float32))
   return _run(spec, hidden, kernel, bias, [(ids, -1), (logprobs, 0)], (), labels, where,
-              return_stats)
+              return_stats, token_sharding, chunk_size)
 
 
 def _check_leading_k(x, lead, name, vocab, *, integer):

@@ -6,6 +6,8 @@ the formulas (values, and directional derivatives by central differences), and t
 itself in other layouts (chunk sizes, devices, vmap, a top-k teacher with k = V).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,22 +351,53 @@ def test_compiled_memory_far_below_dense():
   assert temp["fused"] < 0.1 * temp["dense"], temp
 
 
-def test_sharded_over_eight_devices_equals_one():
+def _loop_bodies_with_all_reduce(hlo_text):
+  """Names of while-loop body computations of compiled HLO text that hold an all-reduce."""
+  bodies = set(re.findall(r"body=%?([\w.-]+)", hlo_text))
+  found, current = set(), None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.-]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      current = head.group(1)
+    elif "all-reduce(" in line and current in bodies:
+      found.add(current)
+  return bodies, found
+
+
+@pytest.mark.parametrize("per_device", [False, True])
+def test_sharded_over_eight_devices_equals_one(per_device):
+  """Tokens sharded over 8 devices: GSPMD (each chunk spans all devices) and token_sharding
+  (each device walks its own tokens; the kernel gradient is reduced once, after the loop)."""
   devices = jax.devices()
   assert len(devices) == 8
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   p = _problem(seed=11, n=64)
   f = jax.jit(jax.value_and_grad(
-      lambda hs, ws, ht, y, w: lm.distill_loss(hs, ws, ht, p["wt"], y, where=w, ce_weight=0.5,
-                                               weighting="entropy", chunk_size=16),
-      argnums=(0, 1)))
+      lambda hs, ws, ht, y, w, sharding: lm.distill_loss(
+          hs, ws, ht, p["wt"], y, where=w, ce_weight=0.5, weighting="entropy", chunk_size=4,
+          token_sharding=sharding), argnums=(0, 1)), static_argnums=5)
   args = (p["hs"], p["ws"], p["ht"], p["y"], p["where"])
   sharded = [jax.device_put(a, rows) if i != 1 else a for i, a in enumerate(args)]
-  one = f(*args)
-  many = f(*sharded)
+  setting = rows if per_device else None
+  one = f(*args, None)
+  many = f(*sharded, setting)
   assert len(many[1][0].sharding.device_set) == 8
   _assert_close(many, one, rtol=1e-5, atol=1e-6)
+  if per_device:
+    bodies, reducing = _loop_bodies_with_all_reduce(f.lower(*sharded, setting).compile().as_text())
+    assert bodies and not reducing, reducing
+
+
+def test_token_sharding_errors():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  p = _problem(seed=14, n=30)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    lm.distill_loss(p["hs"], p["ws"], p["ht"], p["wt"], token_sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data")))
+  with pytest.raises(ValueError, match="token_sharding"):
+    lm.distill_loss(p["hs"], p["ws"], p["ht"], p["wt"], token_sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
 
 
 @pytest.mark.parametrize("change,message", [
