@@ -17,7 +17,7 @@ count the matmul floor of the loss, 2·N·V·(Ht + 3·Hs) (teacher logits, stude
 the two student gradients), whatever an implementation actually does.
 
   python benchmarks/bench_lm_loss.py                       # the default sizes, to results/
-  python benchmarks/bench_lm_loss.py --sizes 2048x32000x512 --rounds 2 --no-torch
+  python benchmarks/bench_lm_loss.py --sizes 2048x32000x512 --rounds 2 --no-torch --tag small
 """
 
 import argparse
@@ -110,7 +110,7 @@ def torch_loss(torch, weighting_name, temperature):
 
 
 def torch_inputs(torch, args, device):
-  hs, ws, ht, wt = (torch.from_numpy(np.asarray(a.astype(jnp.float32))).to(device).bfloat16()
+  hs, ws, ht, wt = (torch.from_numpy(np.array(a.astype(jnp.float32))).to(device).bfloat16()
                     for a in args)
   return hs.requires_grad_(), ws.requires_grad_(), ht, wt
 
@@ -246,6 +246,7 @@ def main():
                  help="N x V x H of the memory-by-chunk table ('' to skip)")
   p.add_argument("--memory-chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
   p.add_argument("--out", default=str(RESULTS))
+  p.add_argument("--tag", default="", help="suffix of the result files' names")
   p.add_argument("--torch-peak-worker", metavar="SIZE", help=argparse.SUPPRESS)
   opts = p.parse_args()
   if opts.torch_peak_worker:
@@ -256,11 +257,13 @@ def main():
   before = busy_cores()
   rows = []
   for size in opts.sizes:
-    rows += run_size(size, opts, torch)
-    print(markdown(rows, dict(device=device_name(), temperature=opts.temperature,
-                              chunk_size=opts.chunk_size, rounds=opts.rounds,
-                              busy_cores_before=before, busy_cores_after="(running)",
-                              torch_memory="")).splitlines()[-1], flush=True)
+    new = run_size(size, opts, torch)
+    rows += new
+    table = markdown(new, dict(device=device_name(), temperature=opts.temperature,
+                               chunk_size=opts.chunk_size, rounds=opts.rounds,
+                               busy_cores_before=before, busy_cores_after="(running)",
+                               torch_memory=""))
+    print("\n".join(table.splitlines()[-len(new):]), flush=True)
   meta = dict(device=device_name(), temperature=opts.temperature, chunk_size=opts.chunk_size,
               rounds=opts.rounds, busy_cores_before=before, busy_cores_after=busy_cores(),
               load_average=os.getloadavg(), jax=jax.__version__,
@@ -269,7 +272,7 @@ def main():
   memory = (memory_by_chunk(opts.memory_size, opts.memory_chunks, opts.weightings)
             if opts.memory_size else [])
   os.makedirs(opts.out, exist_ok=True)
-  stem = os.path.join(opts.out, f"lm-loss-{device_slug()}")
+  stem = os.path.join(opts.out, f"lm-loss-{device_slug()}" + (f"-{opts.tag}" if opts.tag else ""))
   with open(stem + ".json", "w") as f:
     json.dump(dict(meta=meta, rows=rows, memory_by_chunk=memory), f, indent=1)
   text = markdown(rows, meta) + (memory_markdown(memory) if memory else "")
