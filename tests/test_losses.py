@@ -268,6 +268,23 @@ def test_masked_classes_contribute_nothing():
                              losses.kl_divergence(zs[:, :-2], zt[:, :-2]), rtol=1e-6, atol=1e-7)
 
 
+def test_kl_is_infinite_where_the_student_excludes_a_class_the_teacher_keeps():
+  """0·log 0 = 0 and p·log(p/0) = +inf, without a select in the sweep (`_logits.kl_cross`)."""
+  zs = np.array([[0.0, -np.inf, 1.0], [0.0, -np.inf, 1.0], [0.0, 1.0, 2.0]], np.float32)
+  zt = np.array([[0.0, 0.0, 1.0], [0.0, -np.inf, 1.0], [0.0, -np.inf, 2.0]], np.float32)
+  for temperature in (1.0, 4.0):
+    got = np.asarray(losses.kl_divergence(zs, zt, temperature=temperature))
+    assert got[0] == np.inf
+    np.testing.assert_allclose(got[1], 0.0, atol=1e-7)
+    # Row 2: the teacher's class at −inf contributes nothing; the student keeps its mass there.
+    log_ps = zs[2] / temperature - np.log(np.sum(np.exp(zs[2].astype(np.float64) / temperature)))
+    pt = np.exp(zt[2].astype(np.float64) / temperature)
+    pt /= pt.sum()
+    keep = pt > 0
+    expected = np.sum(pt[keep] * (np.log(pt[keep]) - log_ps[keep]))
+    np.testing.assert_allclose(got[2], expected, rtol=1e-5)
+
+
 def test_bfloat16_inputs_compute_in_float32():
   zs, zt = make_logits((32, 100), 3.0, 29), make_logits((32, 100), 3.0, 30)
   zs16, zt16 = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)

@@ -174,3 +174,28 @@ def test_public_surface_and_sibling_of_losses():
   assert weighting.NORMALIZE_OPTIONS == (None, "mean")
   assert weighting.ESTIMATORS == ("likelihood_ratio", "loss_ratio")
   assert weighting.ENTROPY_MODES == ("per_example", "batch_mean")
+
+
+def test_reweighted_kd_writes_no_class_sized_temporary():
+  """Weights and KL read the logits in sweeps that keep only per-row values (XLA:CPU).
+
+  A property of the compiled program, not a timing: its temporaries stay far below one
+  `[N, C]` float32 array, for plain KD and for every weighting composed with it in one jit
+  (before, ER-KD/EA-KD/IPWD wrote 2-4 such arrays; benchmarks/results/
+  losses-hlo-passes-cpu-2core.md).
+  """
+  shape = (512, 256)
+  zs, zt, g = (jnp.asarray(make_logits(shape, 3.0, seed)) for seed in (16, 17, 18))
+  y = jnp.asarray(make_labels(shape, shape[-1], 19))
+  objectives = {
+      "KD": lambda s: losses.kd_loss(s, zt),
+      "ER-KD": lambda s: losses.kd_loss(s, zt, weights=weighting.teacher_entropy_weights(zt)),
+      "EA-KD": lambda s: losses.kd_loss(s, zt, weights=weighting.adaptive_entropy_weights(zt, s)),
+      "IPWD": lambda s: losses.kd_loss(
+          s, zt, weights=weighting.inverse_propensity_weights(s, g, y)),
+  }
+  one_array = np.prod(shape) * 4
+  for name, fn in objectives.items():
+    compiled = jax.jit(jax.value_and_grad(fn)).lower(zs).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < one_array / 4, (name, temp, one_array)
