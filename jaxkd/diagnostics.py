@@ -22,9 +22,9 @@ import numpy as np
 
 __all__ = ["DIAGNOSTICS_FORMAT", "ECE_BINS", "TEMPERATURES", "PERCENTILES", "softmax", "nll",
            "confidence_and_correct", "reliability_bins", "ece", "risk_coverage", "aurc",
-           "e_aurc", "calibration", "class_mass", "mass_order", "per_class_recall",
-           "rank_groups", "grouped_recall", "recall_gain_by_group", "weight_stats",
-           "spearman"]
+           "e_aurc", "calibration", "calibration_from", "class_mass", "mass_order",
+           "per_class_recall", "rank_groups", "grouped_recall", "recall_gain_by_group",
+           "weight_stats", "spearman"]
 
 DIAGNOSTICS_FORMAT = "jaxkd-diagnostics-1"
 ECE_BINS = 15                 # Guo et al. 2017 (and PS-KD, IPWD) report ECE over 15 bins
@@ -175,10 +175,20 @@ def calibration(logits, labels, num_bins: int = ECE_BINS) -> dict[str, Any]:
   """NLL, ECE, AURC and E-AURC of a classifier's logits [N, C] on labels [N], and the
   reliability bins: the `calibration` entry of diagnostics.json."""
   conf, correct = confidence_and_correct(logits, labels)
-  return {"num_examples": int(conf.size), "top1": float(100.0 * correct.mean()),
-          "nll": nll(logits, labels), "ece": ece(conf, correct, num_bins),
-          "aurc": aurc(conf, correct), "e_aurc": e_aurc(conf, correct),
-          "num_bins": int(num_bins), "bins": reliability_bins(conf, correct, num_bins)}
+  return calibration_from(conf, correct, nll(logits, labels), num_bins)
+
+
+def calibration_from(confidence, correct, nll_value: float, num_bins: int = ECE_BINS
+                     ) -> dict[str, Any]:
+  """`calibration` from per-example confidences [N] and correctness [N] and the mean NLL
+  (the trainer's eval "ce"), so that no [N, C] logits need to reach the host."""
+  c, k = _conf(confidence, correct)
+  if c.size == 0:
+    raise ValueError("calibration needs at least one example.")
+  return {"num_examples": int(c.size), "top1": float(100.0 * k.mean()),
+          "nll": float(nll_value), "ece": ece(c, k, num_bins), "aurc": aurc(c, k),
+          "e_aurc": e_aurc(c, k), "num_bins": int(num_bins),
+          "bins": reliability_bins(c, k, num_bins)}
 
 
 def class_mass(teacher_logits, temperatures: Sequence[float] = TEMPERATURES) -> np.ndarray:

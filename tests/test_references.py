@@ -36,6 +36,7 @@ ROOT_FOLDERS = ("jaxkd", "configs", "tests", "benchmarks", "docs", ".ci")
 # Names that look like repository files but are not: each one explained. Keep this short.
 ALLOWED = {
     "summary.md": "written by a suite run into its workdir (jaxkd/suite.py)",
+    "report.md": "written by python -m jaxkd.report into its --out folder (jaxkd/report.py)",
 }
 # Upper-case words that stand for a name the reader chooses (configs/FILE.py:PRESET).
 PLACEHOLDER_WORDS = {"FILE", "DIR", "NAME", "PRESET"}
