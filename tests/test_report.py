@@ -249,3 +249,34 @@ def test_report_modules_import_nothing_of_the_trainer(module, allowed):
             for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
             for a in n.names}
   assert {m for m in found if m.split(".")[0] in ("jaxkd", "jax")} == allowed
+
+
+@pytest.mark.slow
+def test_report_of_a_real_smoke_suite(tmp_path):
+  """The quickstart's smoke suite (teacher, CE student, IPWD) on the small generated
+  Fashion-MNIST, then the report: the files the trainer really writes are the ones read."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import helpers
+  work = tmp_path / "qs"
+  result = helpers.cli(["--config", os.path.join(REPO, "configs", "quickstart.py") + ":smoke",
+                        "--workdir", str(work),
+                        f"--config.dataset.data_dir={helpers.small_fashion_data_dir()}",
+                        "--config.suite=('teacher','ce','ipwd')", "--config.max_steps=3",
+                        "--config.progress_bar=False"], timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = str(tmp_path / "report")
+  res = report.write_report([str(work)], out)
+  assert res["runs"] == ["teacher", "ce", "ipwd"] and res["baseline"] == "ce"
+  assert os.path.getsize(os.path.join(out, "report.html")) > 0
+  md = open(os.path.join(out, "report.md")).read()
+  runs = _md_table(md, "Runs")
+  for name in res["runs"]:
+    s = json.load(open(work / name / "summary.json"))
+    assert runs[name][5] == _pm(s["best_top1"]) and runs[name][6] == _pm(s["last_top1"])
+    assert runs[name][7] == f"{s['last']['top5']:.2f}"
+  teacher = json.load(open(work / "ipwd" / "summary.json"))["teacher"]
+  assert runs["ipwd"][8] == f"{teacher['top1']:.2f}"
+  cal = _md_table(md, "Calibration")
+  assert cal["ipwd"][0] == f"{json.load(open(work / 'ipwd' / 'eval_last.json'))['ce']:.4f}"
+  names = {os.path.basename(p) for p in res["figures"]}
+  assert {"learning_curves.png", "train_loss.png", "weights_over_training.png"} <= names
