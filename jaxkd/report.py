@@ -227,7 +227,8 @@ def _gain_section(runs, baseline, args, blocks, out, figures, notes) -> None:
     rows.append([r["name"]] + [_pm(m if std is None else {"mean": m, "std": s}, 2, True)
                                if m is not None else "—"
                                for m, s in zip(mean, std or [None] * len(mean))]
-                + [_f(float(np.nanmean(gains)), 2, True)])
+                + [_pm(_over_seeds(r, [dg.recall_gain_by_group(x, base_mean, mass, 1)[0]
+                                       for x in recalls]), 2, True)])
     bars.append({"name": r["name"], "colour": r["colour"], "gain": mean, "std": std})
   if not rows:
     notes.append("No recall-gain table: no run of the baseline's model has both per-class "
