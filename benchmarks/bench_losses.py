@@ -11,11 +11,13 @@ recorded before every round.
 
   python benchmarks/bench_losses.py             # all sizes, writes benchmarks/results/
   python benchmarks/bench_losses.py --sizes 1024x100 --repeats 20
+  python benchmarks/bench_losses.py --hlo-passes 8192x1000   # memory sweeps of the HLO, no timing
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -148,6 +150,48 @@ def torch_runner(torch, fn, inputs, dtype):
   return run
 
 
+def hlo_passes(fn, inputs, grad=True):
+  """Sweeps over [..., C]-sized memory in the compiled forward + backward of `fn` (forward
+  only with grad=False).
+
+  From `jax.jit(jax.value_and_grad(fn)).lower(...).compile().as_text()`: for every top-level
+  instruction of the entry computation (a fusion, a library fusion, a copy), `reads` counts
+  its operands of the logits' shape and `writes` whether its result has that shape; `exp`
+  counts the exponentials of that shape inside the fused computations (each one an exp of
+  every logit); `temp_mib` is the compiled temporary memory (`memory_analysis()`).
+  """
+  s, te, g, y = (jnp.asarray(x) for x in inputs)
+  compiled = jax.jit(jax.value_and_grad(fn) if grad else fn).lower(s, te, g, y).compile()
+  text = compiled.as_text()
+  big = "f32[" + ",".join(map(str, s.shape)) + "]"
+  bodies, name = {}, None
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+    if head:
+      name = "ENTRY" if line.startswith("ENTRY") else head.group(1)
+      bodies[name] = []
+    elif name and line.strip():
+      bodies[name].append(line)
+  shapes = {}
+  for line in bodies["ENTRY"]:
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+)", line)
+    if m:
+      shapes[m.group(1)] = m.group(2)
+  reads = writes = exps = 0
+  for line in bodies["ENTRY"]:
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*?)\)", line)
+    if not m or m.group(3) in ("parameter", "constant", "tuple", "bitcast", "get-tuple-element"):
+      continue
+    operands = re.findall(r"%([\w.-]+)", m.group(4))
+    reads += sum(shapes.get(o, "").startswith(big) for o in operands)
+    writes += m.group(2).startswith(big)
+    called = re.search(r"calls=%([\w.-]+)", line)
+    if called:
+      exps += sum(big in l and " exponential(" in l for l in bodies.get(called.group(1), []))
+  return dict(reads=reads, writes=writes, exp=exps,
+              temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 2))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default=",".join(SIZES), help="comma list of " + ", ".join(SIZES))
@@ -158,7 +202,15 @@ def main(argv=None):
                       help="runs per objective per round at the LM size (4x1024x32000)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", default=str(RESULTS))
+  parser.add_argument("--hlo-passes", metavar="SIZE", default=None,
+                      help="print the HLO memory sweeps of every objective at SIZE as JSON")
   args = parser.parse_args(argv)
+  if args.hlo_passes:
+    inputs = make_inputs(SIZES[args.hlo_passes], "float32")
+    print(json.dumps({n: dict(forward=hlo_passes(f, inputs, grad=False),
+                              forward_backward=hlo_passes(f, inputs))
+                      for n, f in jax_objectives().items()}, indent=1))
+    return
 
   torch = None
   if not args.no_torch:
@@ -225,7 +277,9 @@ def write_results(rows, device, args):
            "speed-up = torch time / jaxkd time; / KD = jaxkd time over plain KD's of the same "
            "size (/ DKD: over plain DKD's, for the DKD family). Load: the 1-minute load average "
            "and the cores other jobs kept busy (`busy_cores`) before each round, on a machine "
-           f"of {os.cpu_count()} cores.", "",
+           f"of {os.cpu_count()} cores."
+           + ("" if any(r["torch_ms"] is not None for r in rows)
+              else " PyTorch was not run this time (--no-torch)."), "",
            "| size | dtype | objective | jaxkd ms | / KD | / DKD | torch eager ms | speed-up |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
