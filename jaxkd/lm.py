@@ -276,7 +276,9 @@ def distill_loss(student_hidden: Array, student_kernel: Array, teacher_hidden: A
     float32 scalar loss, and with `return_stats` the statistics dict.
   """ + _LOSS_DOC + """
   Matmuls take the inputs' dtype and accumulate in float32; every softmax, entropy and
-  divergence is float32; the kernel gradient accumulates over chunks in float32.
+  divergence is float32; the kernel gradient accumulates over chunks in float32. Pass the
+  teacher's arrays as arguments of the jitted function, not as closure constants: XLA would
+  try to constant-fold the teacher's `[chunk, V]` logits at compile time (minutes).
   """
   hidden, kernel, bias, lead, vocab, labels, where = _prepare(
       student_hidden, student_kernel, labels, where, student_bias)
