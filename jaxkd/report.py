@@ -80,14 +80,23 @@ def _auto_baseline(runs):
   return found[0] if len(found) == 1 else None
 
 
-def _curve(run, key: str):
-  spe = run["steps_per_epoch"]
+def _unit(runs) -> str:
+  """The x axis of every curve: epochs, unless a run's epoch length is unknown or no run
+  got past its first epoch (a smoke run), where steps say more."""
+  spans = [max((m["step"] for m in r["metrics"]), default=0) / r["steps_per_epoch"]
+           for r in runs if r["steps_per_epoch"]]
+  return "epoch" if len(spans) == len(runs) and max(spans, default=0) >= 1 else "step"
+
+
+def _curve(run, key: str, unit: str):
+  """(x [K], values [K]) of a metric over training in `unit`, or None."""
   pts = [(r["step"], r[key]) for r in run["metrics"] if key in r]
-  if pts and spe:
-    return [s / spe for s, _ in pts], [v for _, v in pts]
-  if key == "eval/top1" and run["summary"] and "history" in (run["summary"] or {}):
+  scale = run["steps_per_epoch"] if unit == "epoch" else 1
+  if pts:
+    return [s / scale for s, _ in pts], [v for _, v in pts]
+  if key == "eval/top1" and run["summary"] and "history" in run["summary"]:
     h = run["summary"]["history"]
-    return [e["epoch"] for e in h], [e["top1"] for e in h]
+    return [e[unit] for e in h], [e["top1"] for e in h]
   return None
 
 
@@ -265,10 +274,11 @@ def _weights_section(runs, args, blocks, out, figures) -> None:
       if rho is not None:
         scatter.append({"name": r["name"], "colour": r["colour"], "mass": mass,
                         "class_mean": final["class_mean"], "spearman": rho})
-    logged = _curve(r, "train/weight_mean")
+    logged = _curve(r, "train/weight_mean", args.unit)
     if per_epoch and (len(per_epoch) > 1 or not logged):
+      scale = 1 if args.unit == "epoch" else (r["steps_per_epoch"] or 1)
       curves.append({"name": r["name"], "colour": r["colour"],
-                     "epochs": [e["epoch"] for e in per_epoch],
+                     "epochs": [e["epoch"] * scale for e in per_epoch],
                      "mean": [e["mean"] for e in per_epoch],
                      "low": [e["percentiles"]["5"] for e in per_epoch],
                      "high": [e["percentiles"]["95"] for e in per_epoch]})
@@ -277,17 +287,21 @@ def _weights_section(runs, args, blocks, out, figures) -> None:
       curves.append({"name": r["name"], "colour": r["colour"], "epochs": x, "mean": y})
   if not rows and not curves:
     return
-  blocks += [("h", "Sample weights"),
-             ("p", "The per-example weights of the weighted methods (ER-KD, EA-KD, IPWD) "
-                   "over the last epoch's training examples (seed 0). ρ: Spearman's rank "
-                   "correlation of a class's mean weight with its teacher mass; IPWD expects "
-                   "it negative (over-represented classes get less weight).")]
+  blocks.append(("h", "Sample weights"))
+  if rows:
+    blocks.append(("p", "The per-example weights of the weighted methods (ER-KD, EA-KD, "
+                        "IPWD) over the last epoch's training examples (seed 0). ρ: Spearman's "
+                        "rank correlation of a class's mean weight with its teacher mass; IPWD "
+                        "expects it negative (over-represented classes get less weight)."))
+  else:
+    blocks.append(("p", "Only the logged batch means of the weights are known (metrics.jsonl): "
+                        "the distributions need diagnostics.json."))
   if rows:
     blocks.append(("table", ["run", "mean", "std", "p5", "median", "p95", "max", "ρ"], rows))
   for path, caption in ((figs.weight_histograms(hists, out), "Final weight distributions."),
                         (figs.weight_vs_mass(scatter, out), "Mean weight per class against "
                                                             "the teacher's class mass."),
-                        (figs.weights_over_training(curves, out),
+                        (figs.weights_over_training(curves, out, args.unit),
                          "Mean sample weight during training.")):
     if path:
       figures.append(path)
@@ -309,7 +323,10 @@ def write_report(paths: list[str], out: str, baseline: str | None = None, *,
   args = argparse.Namespace(recall=recall, groups=groups, rank_temperature=rank_temperature)
   found = find_runs(paths)
   if baseline is not None:
-    baseline = find_runs([baseline], depth=0)[0]
+    try:
+      baseline = find_runs([baseline], depth=0)[0]
+    except ReportError as e:
+      raise ReportError(f"--baseline must be one run's folder: {e}") from None
     found = found if baseline in found else found + [baseline]
   runs = [load_run(p, n) for p, n in zip(found, _names(found))]
   for i, r in enumerate(runs):
@@ -324,10 +341,14 @@ def write_report(paths: list[str], out: str, baseline: str | None = None, *,
     blocks.append(("p", f"Baseline (vanilla student): {base['name']}"
                         + ("" if baseline is not None else " (chosen automatically)") + "."))
   _runs_section(runs, blocks)
-  curves = [{"name": r["name"], "colour": r["colour"], "eval_curve": _curve(r, "eval/top1"),
-             "loss_curve": _curve(r, "train/loss")} for r in runs]
-  for path, caption in ((figs.learning_curves(curves, out), "Test top-1 at each evaluation."),
-                        (figs.train_loss(curves, out), "Training loss at each logged step.")):
+  args.unit = _unit(runs)
+  curves = [{"name": r["name"], "colour": r["colour"],
+             "eval_curve": _curve(r, "eval/top1", args.unit),
+             "loss_curve": _curve(r, "train/loss", args.unit)} for r in runs]
+  for path, caption in ((figs.learning_curves(curves, out, args.unit),
+                         "Test top-1 at each evaluation."),
+                        (figs.train_loss(curves, out, args.unit),
+                         "Training loss at each logged step.")):
     if path:
       figures.append(path)
       blocks.append(("fig", path, caption))

@@ -50,18 +50,18 @@ def _panels(n: int, width: float = 3.4, height: float = 2.8, max_cols: int = 4):
 
 
 def _curves(runs: Sequence[dict[str, Any]], key: str, out_dir: str, name: str, ylabel: str,
-            title: str) -> str | None:
+            title: str, unit: str) -> str | None:
   """runs: [{"name", "colour", key: (epochs [K], values [K])}]; skips runs without data."""
   drawn = [r for r in runs if r.get(key) and len(r[key][0])]
-  if not drawn:
-    return None
+  if not drawn or max(len(r[key][0]) for r in drawn) < 2:
+    return None  # one point per run is no curve (the table has the numbers)
   fig = _figure()
   ax = fig.subplots()
   for r in drawn:
     x, y = r[key]
     ax.plot(x, y, marker="o" if len(x) < 12 else None, ms=4, color=r["colour"],
             label=r["name"])
-  ax.set_xlabel("epoch")
+  ax.set_xlabel(unit)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
@@ -69,16 +69,16 @@ def _curves(runs: Sequence[dict[str, Any]], key: str, out_dir: str, name: str, y
   return _save(fig, out_dir, name)
 
 
-def learning_curves(runs, out_dir: str) -> str | None:
-  """Test top-1 of every run at each evaluation (the mean over seeds)."""
+def learning_curves(runs, out_dir: str, unit: str = "epoch") -> str | None:
+  """Test top-1 of every run at each evaluation (the mean over seeds); x in `unit`."""
   return _curves(runs, "eval_curve", out_dir, "learning_curves.png", "test top-1 (%)",
-                 "Test accuracy during training")
+                 "Test accuracy during training", unit)
 
 
-def train_loss(runs, out_dir: str) -> str | None:
-  """The training objective of every run at each logged step."""
+def train_loss(runs, out_dir: str, unit: str = "epoch") -> str | None:
+  """The training objective of every run at each logged step; x in `unit`."""
   return _curves(runs, "loss_curve", out_dir, "train_loss.png", "training loss",
-                 "Training objective (each method's own loss)")
+                 "Training objective (each method's own loss)", unit)
 
 
 def class_mass(teachers: Sequence[dict[str, Any]], out_dir: str) -> str | None:
@@ -171,11 +171,13 @@ def weight_vs_mass(rows: Sequence[dict[str, Any]], out_dir: str) -> str | None:
   return _save(fig, out_dir, "weight_vs_mass.png")
 
 
-def weights_over_training(rows: Sequence[dict[str, Any]], out_dir: str) -> str | None:
+def weights_over_training(rows: Sequence[dict[str, Any]], out_dir: str, unit: str = "epoch"
+                          ) -> str | None:
   """Mean sample weight during training, with the 5th–95th percentile band when known.
   rows: [{"name", "colour", "epochs": [K], "mean": [K], "low": [K] | None, "high"}]."""
-  if not rows:
-    return None
+  if not rows or max(len(r["epochs"]) for r in rows) < 2 and all(
+      r.get("low") is None for r in rows):
+    return None  # one batch mean per run is no curve
   fig = _figure()
   ax = fig.subplots()
   for r in rows:
@@ -187,7 +189,7 @@ def weights_over_training(rows: Sequence[dict[str, Any]], out_dir: str) -> str |
       m = np.asarray(r["mean"])
       ax.errorbar(r["epochs"], m, yerr=[m - r["low"], np.asarray(r["high"]) - m],
                   color=r["colour"], capsize=4, ls="none")
-  ax.set_xlabel("epoch")
+  ax.set_xlabel(unit)
   band = any(r.get("low") is not None for r in rows)
   ax.set_ylabel("mean sample weight" + (" (bars/band: 5th–95th pct.)" if band else
                                         " (per logged step)"))
