@@ -185,18 +185,19 @@ def softmax_moments(u: jax.Array) -> tuple[jax.Array, jax.Array]:
 # --------------------------------------------------------------------------------------------
 # One reduction per sweep, nothing of shape [..., C] written to memory.
 #
-# What the compiled HLO of the loss layer costs on XLA:CPU (benchmarks/results/
-# losses-hlo-passes-cpu-2core.md): a row reduction runs fast only when its fusion holds
-# exactly ONE reduction whose elementwise producer reads the raw logits and per-row values;
-# any `[..., C]` value that two fusions share (a shifted copy, an exp, even a broadcast of the
-# row max or of 1/τ) is written to memory first, and a select (`jnp.where`) on `[..., C]`
-# cannot be fused into a reduction at all. Each such buffer is a write and a read per sweep
-# and, past 32 MiB of temporaries, fresh pages on every call. So every reduction below reads
-# its inputs through its own optimisation barrier (`isolated`), which keeps XLA from merging
-# its producer with another reduction's, and writes 0·(±inf) = 0 without a select. Identical
-# reductions (same tag, same inputs) are still merged: KD at τ = 4 and ER-KD's entropy at
-# τ′ = 4 share one Σ exp. Each result then passes a `fenced` select, which keeps XLA from
-# merging reductions again through the expression that combines their results.
+# What the compiled HLO of the loss layer costs on XLA:CPU
+# (benchmarks/results/losses-hlo-passes-cpu-2core.md): a row reduction runs fast only when
+# its fusion holds exactly ONE reduction whose elementwise producer reads the raw logits and
+# per-row values. Any `[..., C]` value that two fusions share (a shifted copy, an exp, even a
+# broadcast of the row max or of 1/τ) is written to memory first, and a select (`jnp.where`)
+# on `[..., C]` cannot be fused into a reduction at all. Each such buffer is a write and a
+# read per sweep and, past 32 MiB of temporaries, fresh pages on every call. So every
+# reduction below reads its inputs through its own optimisation barrier (`isolated`), which
+# keeps XLA from merging its producer with another reduction's, and writes 0·(±inf) = 0
+# without a select. Identical reductions (same tag, same inputs) are still merged: KD at
+# τ = 4 and ER-KD's entropy at τ′ = 4 share one Σ exp. Each result then passes a `fenced`
+# select, which keeps XLA from merging reductions again through the expression that combines
+# their results.
 
 
 def isolated(tag: str, *arrays: Any) -> tuple:

@@ -181,8 +181,8 @@ def test_reweighted_kd_writes_no_class_sized_temporary():
 
   A property of the compiled program, not a timing: its temporaries stay far below one
   `[N, C]` float32 array, for plain KD and for every weighting composed with it in one jit
-  (before, ER-KD/EA-KD/IPWD wrote 2-4 such arrays; benchmarks/results/
-  losses-hlo-passes-cpu-2core.md).
+  (before, ER-KD/EA-KD/IPWD wrote 2-4 such arrays:
+  benchmarks/results/losses-hlo-passes-cpu-2core.md).
   """
   shape = (512, 256)
   zs, zt, g = (jnp.asarray(make_logits(shape, 3.0, seed)) for seed in (16, 17, 18))
