@@ -125,7 +125,13 @@ def torch_peak_worker(size, weighting_name, temperature):
   import torch
   device = "cuda" if torch.cuda.is_available() else "cpu"
   n, v, h = parse_size(size)
-  args = torch_inputs(torch, make_inputs(n, v, h, jnp.bfloat16), device)
+  # Inputs straight from torch: a peak-RSS baseline taken after building them through JAX
+  # and NumPy would already exceed the step's own peak at small N.
+  shapes = ((n, h), (h, v), (n, h), (h, v))
+  args = [torch.randn(s, dtype=torch.bfloat16, device=device) * (h ** -0.5 if s[0] == h else 1)
+          for s in shapes]
+  args[0].requires_grad_()
+  args[1].requires_grad_()
   step = torch_loss(torch, weighting_name, temperature)
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -242,8 +248,8 @@ def main():
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--no-torch", action="store_true")
-  p.add_argument("--memory-size", default="8192x32000x512",
-                 help="N x V x H of the memory-by-chunk table ('' to skip)")
+  p.add_argument("--memory-sizes", nargs="*", default=["8192x32000x512", "32768x32000x512"],
+                 help="N x V x H of the memory-by-chunk table (none to skip)")
   p.add_argument("--memory-chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
   p.add_argument("--out", default=str(RESULTS))
   p.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -269,8 +275,8 @@ def main():
               load_average=os.getloadavg(), jax=jax.__version__,
               torch=None if torch is None else torch.__version__,
               torch_memory="allocator peak (GPU) or peak RSS growth of a fresh process (CPU)")
-  memory = (memory_by_chunk(opts.memory_size, opts.memory_chunks, opts.weightings)
-            if opts.memory_size else [])
+  memory = [r for size in opts.memory_sizes
+            for r in memory_by_chunk(size, opts.memory_chunks, opts.weightings)]
   os.makedirs(opts.out, exist_ok=True)
   stem = os.path.join(opts.out, f"lm-loss-{device_slug()}" + (f"-{opts.tag}" if opts.tag else ""))
   with open(stem + ".json", "w") as f:

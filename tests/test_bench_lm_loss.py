@@ -12,7 +12,7 @@ def test_lm_loss_benchmark_writes_every_row(tmp_path):
   script = os.path.join(REPO, "benchmarks", "bench_lm_loss.py")
   subprocess.run([sys.executable, script, "--sizes", "64x300x16", "--rounds", "1",
                   "--chunk-size", "16", "--weightings", "none", "adaptive_entropy",
-                  "--memory-size", "256x300x16", "--memory-chunks", "32", "--out",
+                  "--memory-sizes", "256x300x16", "--memory-chunks", "32", "--out",
                   str(tmp_path)], check=True, cwd=REPO, timeout=600)
   files = sorted(os.listdir(tmp_path))
   assert len(files) == 2 and files[0].startswith("lm-loss-"), files
