@@ -5,7 +5,8 @@ run's overrides of the shared fields). Each run trains in `workdir/<name>`; a st
 "{workdir}" in any override is replaced by the suite's workdir, so a student names its
 teacher as "{workdir}/teacher/model". Every run resumes independently, so an interrupted
 suite continues where it stopped. At the end one table of test top-1 per run is printed and
-written to `workdir/summary.md` and `summary.json`.
+written to `workdir/summary.md` and `summary.json`, and `python -m jaxkd.report`'s report of
+all its runs to `workdir/report/`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       f.write(table + "\n")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(rows, f, indent=1)
+    from jaxkd import report  # deferred: matplotlib
+    where = report.write_report([workdir], os.path.join(workdir, "report"))["html"]
+    print(f"Report (tables and figures of every run): {where}", flush=True)
   return rows
 
 

@@ -269,6 +269,9 @@ def test_report_of_a_real_smoke_suite(tmp_path):
                         "--config.log_every_steps=1",
                         "--config.progress_bar=False"], timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
+  # The suite wrote its own report at the end and said where.
+  assert f"{work}/report/report.html" in result.stdout
+  assert os.path.isfile(work / "report" / "report.md")
   out = str(tmp_path / "report")
   res = report.write_report([str(work)], out)
   assert res["runs"] == ["teacher", "ce", "ipwd"] and res["baseline"] == "ce"
