@@ -71,8 +71,12 @@ PAIRS = {
     "resnet32x4-ShuffleV2": ("resnet32x4", "ShuffleV2"),
     "ResNet50-MobileNetV2": ("ResNet50", "MobileNetV2"),
     "resnet34_imagenet-resnet18_imagenet": ("resnet34_imagenet", "resnet18_imagenet"),
+    "resnet14-resnet8": ("resnet14", "resnet8"),
 }
 CPU_PAIRS = ("resnet56-resnet20", "resnet32x4-resnet8x4")
+# The smallest CIFAR pair, for smoke runs (tests/test_benchmarks.py): the mechanics of every
+# script at a fraction of the compile time; in no default matrix.
+SMOKE_PAIRS = ("resnet14-resnet8",)
 
 # jaxkd method -> the table's label and the objective of `torch_objectives` (None: CE only).
 OBJECTIVES = {
@@ -589,7 +593,8 @@ def write_results(rows: list[dict], meta: dict, out: str) -> None:
 
 def parse_args(argv, on_gpu: bool):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--pairs", default=",".join(PAIRS if on_gpu else CPU_PAIRS),
+  p.add_argument("--pairs", default=",".join(
+      [x for x in PAIRS if x not in SMOKE_PAIRS] if on_gpu else CPU_PAIRS),
                  help="comma list of " + ", ".join(PAIRS))
   p.add_argument("--objectives", default=",".join(OBJECTIVES),
                  help="comma list of " + ", ".join(OBJECTIVES))

@@ -13,6 +13,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The smallest pair (bench_train_step.SMOKE_PAIRS): the scripts' mechanics, not the figures,
+# at a fraction of the compile time of the recipes' pairs.
+PAIR = "resnet14-resnet8"
+
+
 def run_script(name, *args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device
   result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), *args],
@@ -40,7 +45,7 @@ def test_no_benchmark_module_is_named_like_a_jaxkd_module():
 
 
 def test_train_step_benchmark_with_torch_baseline_and_seed_strategies(tmp_path):
-  run_script("bench_train_step.py", "--pairs", "resnet56-resnet20", "--batch", "4",
+  run_script("bench_train_step.py", "--pairs", PAIR, "--batch", "4",
              "--objectives", "kd,ipwd", "--seeds", "1,2", "--seeds-per-vmap", "0,1",
              "--repeats", "2", "--warmup", "1", "--out", str(tmp_path), "--tag", "smoke")
   report = json.load(open(only_file(tmp_path, "train-cpu-", "-smoke.json")))
@@ -52,11 +57,11 @@ def test_train_step_benchmark_with_torch_baseline_and_seed_strategies(tmp_path):
   assert rows[0]["torch_finite"] and rows[0]["ratio"] > 0
   assert "jax_overhead_vs_kd" in rows[1] and "torch_overhead_vs_kd" in rows[1]
   md = open(only_file(tmp_path, "train-cpu-", "-smoke.md")).read()
-  assert "| resnet56-resnet20 | 4 | IPWD |" in md and "1 (loop)" in md and "2 (vmap)" in md
+  assert f"| {PAIR} | 4 | IPWD |" in md and "1 (loop)" in md and "2 (vmap)" in md
 
 
 def test_profile_step_attributes_time_to_ops_and_phases(tmp_path):
-  out = run_script("bench_profile_step.py", "--pair", "resnet56-resnet20", "--method", "erkd",
+  out = run_script("bench_profile_step.py", "--pair", PAIR, "--method", "erkd",
                    "--batch", "4", "--steps", "1", "--repeats", "1", "--warmup", "1",
                    "--out", str(tmp_path), "--trace-dir", str(tmp_path / "trace"))
   assert "| convolution |" in out and "| teacher |" in out and "| student backward |" in out
@@ -78,7 +83,8 @@ def test_loss_benchmark(tmp_path, torch_baseline):
 def test_against_revision_runs_both_trees_interleaved(tmp_path):
   # The working tree against itself: the mechanics (each side imports its own tree's jaxkd,
   # rounds alternate, results written), not the figures.
-  run_script("bench_against_revision.py", "--before", REPO, "--batch", "4", "--rounds", "2",
+  run_script("bench_against_revision.py", "--before", REPO, "--pair", PAIR, "--batch", "4",
+             "--rounds", "2",
              "--repeats", "1", "--warmup", "1", "--tag", "smoke", "--out", str(tmp_path),
              "--previous", "")
   report = json.load(open(only_file(tmp_path, "train-step-smoke-cpu-", ".json")))
