@@ -22,9 +22,9 @@ import numpy as np
 
 __all__ = ["DIAGNOSTICS_FORMAT", "ECE_BINS", "TEMPERATURES", "PERCENTILES", "softmax", "nll",
            "confidence_and_correct", "reliability_bins", "ece", "risk_coverage", "aurc",
-           "e_aurc", "calibration", "calibration_from", "class_mass", "mass_order",
+           "e_aurc", "calibration", "calibration_from", "class_mass", "class_mass_record", "mass_order",
            "per_class_recall", "rank_groups", "grouped_recall", "recall_gain_by_group",
-           "weight_stats", "spearman"]
+           "weight_stats", "epoch_weight_record", "spearman"]
 
 DIAGNOSTICS_FORMAT = "jaxkd-diagnostics-1"
 ECE_BINS = 15                 # Guo et al. 2017 (and PS-KD, IPWD) report ECE over 15 bins
@@ -206,6 +206,18 @@ def class_mass(teacher_logits, temperatures: Sequence[float] = TEMPERATURES) -> 
   return np.stack([softmax(z, t).sum(axis=0) for t in temperatures])
 
 
+def class_mass_record(mass, temperatures: Sequence[float], num_examples: int,
+                      split: str = "train") -> dict[str, Any]:
+  """The `teacher_class_mass` / `self_class_mass` entry of diagnostics.json from mass [T, C]
+  (`class_mass`, or the same sums accumulated batch by batch on the devices)."""
+  m = np.asarray(mass, np.float64)
+  if m.ndim != 2 or m.shape[0] != len(temperatures):
+    raise ValueError(f"mass must be [T, C] with T = {len(temperatures)} temperatures, got "
+                     f"shape {m.shape}.")
+  return {"split": split, "augmentation": False, "num_examples": int(num_examples),
+          "temperatures": [float(t) for t in temperatures], "mass": m.tolist()}
+
+
 def mass_order(mass) -> np.ndarray:
   """Classes ranked by decreasing mass [C] → [C] class indices (ties: the lower class first)."""
   m = np.asarray(mass, np.float64)
@@ -292,6 +304,15 @@ def weight_stats(weights, labels=None, num_classes: int | None = None,
     s = np.bincount(y, weights=w, minlength=num_classes)
     out["class_mean"] = [None if k == 0 else float(v / k) for v, k in zip(s, n)]
   return out
+
+
+def epoch_weight_record(epoch: int, weights, percentiles: Sequence[float] = PERCENTILES
+                        ) -> dict[str, Any]:
+  """One `weights.per_epoch` entry of diagnostics.json: {"epoch", "mean", "std",
+  "percentiles"} of the weights w [N] of an epoch's training examples."""
+  s = weight_stats(weights, percentiles=percentiles)
+  return {"epoch": int(epoch), "mean": s["mean"], "std": s["std"],
+          "percentiles": s["percentiles"]}
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

@@ -11,11 +11,11 @@ when finished (one seed: "best_top1", "last_top1", "best", "last", "history", â€
       "format": "jaxkd-diagnostics-1",
       "step": int, "epoch": int,             # the evaluation the per-seed entries describe
       "num_classes": C,
-      "teacher_class_mass": {                # distill runs only: the frozen teacher
+      "teacher_class_mass": {                # distill runs only: the frozen teacher's
         "split": "train", "augmentation": false, "num_examples": N,
         "temperatures": [1.0, 2.0, 4.0, 8.0],
-        "mass": [[C floats] for each temperature]   # diagnostics.class_mass
-      },
+        "mass": [[C floats] for each temperature]
+      },                                     # diagnostics.class_mass_record(class_mass(z))
       "seeds": [{                            # one entry per seed, in the run's seed order
         "seed": int,
         "self_class_mass": {...},            # teacher / self_distill runs: the model's own
@@ -23,6 +23,7 @@ when finished (one seed: "best_top1", "last_top1", "best", "last", "history", â€
         "calibration": {...},                # diagnostics.calibration_from on the test split
         "weights": {                         # weighted methods only
           "per_epoch": [{"epoch": int, "mean", "std", "percentiles": {"5": â€¦, â€¦}}],
+                                             # diagnostics.epoch_weight_record each epoch
           "final": {...}                     # diagnostics.weight_stats(w, labels, C) over
         }                                    # the last epoch's training examples
       }]

@@ -146,6 +146,17 @@ def test_weight_stats_known_answer():
   assert s["class_mean"] == [1.5, 3.5, None]
 
 
+def test_records_of_diagnostics_json():
+  r = dg.class_mass_record([[1.0, 3.0], [2.0, 2.0]], (1, 2), 4)
+  assert r == {"split": "train", "augmentation": False, "num_examples": 4,
+               "temperatures": [1.0, 2.0], "mass": [[1.0, 3.0], [2.0, 2.0]]}
+  e = dg.epoch_weight_record(3, [1.0, 2.0, 3.0, 4.0], percentiles=(50,))
+  assert e == {"epoch": 3, "mean": 2.5, "std": pytest.approx(math.sqrt(1.25)),
+               "percentiles": {"50": 2.5}}
+  with pytest.raises(ValueError, match=r"\[T, C\] with T = 3"):
+    dg.class_mass_record([[1.0, 3.0]], (1, 2, 4), 4)
+
+
 def test_nll_known_answer():
   z = [[math.log(3.0), 0.0], [0.0, 0.0]]
   assert dg.nll(z, [0, 1]) == pytest.approx((-math.log(0.75) + math.log(2.0)) / 2)

@@ -83,15 +83,15 @@ def write_run(path, name, mode, weighting, seeds, rng, teacher_mass):
             entry["self_class_mass"] = teacher_mass
           elif mode != "distill":  # the CE student's own predictions
             z = rng.normal(size=(N_TRAIN, C)) + np.linspace(1, 0, C)
-            entry["self_class_mass"] = {**teacher_mass, "mass": dg.class_mass(z).tolist()}
+            entry["self_class_mass"] = dg.class_mass_record(dg.class_mass(z), dg.TEMPERATURES,
+                                                            N_TRAIN)
           if weighting:
             y = rng.integers(0, C, N_TRAIN)
             # Less weight for classes of more teacher mass, as IPWD intends.
             share = np.asarray(teacher_mass["mass"][0])[y] / (N_TRAIN / C)
             w = rng.gamma(4.0, 0.25, N_TRAIN) * (1.5 - share / 2)
-            stats = dg.weight_stats(w, y, C)
-            per_epoch = {k: stats[k] for k in ("mean", "std", "percentiles")}
-            entry["weights"] = {"per_epoch": [{"epoch": 1, **per_epoch}], "final": stats}
+            entry["weights"] = {"per_epoch": [dg.epoch_weight_record(1, w)],
+                                "final": dg.weight_stats(w, y, C)}
           diag["seeds"].append(entry)
       writer.write(step, {"top1": float(np.mean([r["top1"] for r in results]))},
                    prefix="eval/")
@@ -107,8 +107,7 @@ def write_run(path, name, mode, weighting, seeds, rng, teacher_mass):
 def write_suite(root, seed=0, student_seeds=(0,)):
   rng = np.random.default_rng(seed)
   z = rng.normal(size=(N_TRAIN, C)) + np.linspace(2, 0, C)  # a long-tailed teacher
-  mass = {"split": "train", "augmentation": False, "num_examples": N_TRAIN,
-          "temperatures": list(dg.TEMPERATURES), "mass": dg.class_mass(z).tolist()}
+  mass = dg.class_mass_record(dg.class_mass(z), dg.TEMPERATURES, N_TRAIN)
   summaries, rows = {}, []
   for name in SUITE:
     mode, weighting = ("teacher", None) if name == "teacher" else STUDENTS[name]
