@@ -288,3 +288,22 @@ def test_report_of_a_real_smoke_suite(tmp_path):
   names = {os.path.basename(p) for p in res["figures"]}
   # One evaluation per run is no learning curve; the losses and weights are logged each step.
   assert names == {"train_loss.png", "weights_over_training.png"}
+
+
+def test_a_students_teacher_mass_from_the_teachers_folder(tmp_path):
+  """A distill run without its own teacher_class_mass takes the one its teacher's run wrote
+  (config.teacher.checkpoint = …/teacher/model)."""
+  _, mass = write_suite(str(tmp_path / "s"))
+  path = tmp_path / "s" / "kd" / "diagnostics.json"
+  d = json.load(open(path))
+  del d["teacher_class_mass"]
+  json.dump(d, open(path, "w"))
+  md = open(report.write_report([str(tmp_path / "s")], str(tmp_path / "o"))["markdown"]).read()
+  assert "kd" in _md_table(md, "Recall gain by teacher-mass rank")
+  # Deleting the teacher's own record as well leaves kd out of the table.
+  t = tmp_path / "s" / "teacher" / "diagnostics.json"
+  d = json.load(open(t))
+  del d["seeds"][0]["self_class_mass"]
+  json.dump(d, open(t, "w"))
+  md = open(report.write_report([str(tmp_path / "s")], str(tmp_path / "o"))["markdown"]).read()
+  assert "kd" not in _md_table(md, "Recall gain by teacher-mass rank")
