@@ -232,7 +232,10 @@ def _gain_section(runs, baseline, args, blocks, out, figures, notes) -> None:
     mean = [None if np.isnan(v) else float(v) for v in gains.mean(0)]
     std = ([None if np.isnan(v) else float(v) for v in gains.std(0, ddof=1)]
            if len(recalls) > 1 else None)
-    labels = labels or _group_labels(len(mass), args.groups)
+    if labels is None:
+      labels = _group_labels(len(mass), args.groups)
+      own = dg.grouped_recall(base_mean, mass, args.groups)
+      own_all = dg.grouped_recall(base_mean, mass, 1)[0]
     rows.append([r["name"]] + [_pm(m if std is None else {"mean": m, "std": s}, 2, True)
                                if m is not None else "—"
                                for m, s in zip(mean, std or [None] * len(mean))]
@@ -249,7 +252,10 @@ def _gain_section(runs, baseline, args, blocks, out, figures, notes) -> None:
                    f"massive first); each cell is the run's macro-average recall minus the "
                    f"baseline's ({baseline['name']}), in points, from the {args.recall} "
                    f"evaluation. Mean ± std over the run's seeds where it has several."),
-             ("table", ["run"] + labels + ["all classes"], rows)]
+             ("table", ["run"] + labels + ["all classes"], rows),
+             ("p", f"The baseline's own macro recall (%) by the same groups (ranked by "
+                   f"{rows[0][0]}'s teacher): " + " / ".join(_f(v) for v in own)
+                   + f"; all classes {_f(own_all)}.")]
   path = figs.recall_gain(bars, labels, baseline["name"], out)
   if path:
     figures.append(path)

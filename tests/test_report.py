@@ -172,6 +172,9 @@ def test_report_of_a_suite(tmp_path, student_seeds):
         tmp_path / "suite" / name / f"eval_last{sfx}.json"))["per_class_recall"]) - base)
         for sfx in _suffixes(student_seeds)])  # the gain over all classes
     np.testing.assert_allclose(got, list(want) + [macro], atol=0.005 + 1e-9)
+  own = dg.grouped_recall(base, mass["mass"][0])
+  assert ("by the same groups (ranked by kd's teacher): " + " / ".join(f"{v:.2f}" for v in own)
+          + f"; all classes {np.mean(base):.2f}.") in md
   # Calibration and weights come from diagnostics.json.
   cal = _md_table(md, "Calibration")
   d = json.load(open(tmp_path / "suite" / "kd" / "diagnostics.json"))
