@@ -170,12 +170,12 @@ def parse_arg(arg: str | None, **types: type) -> tuple[list[str], dict[str, Any]
 
 def teacher_commands(c: ml_collections.ConfigDict) -> str:
   """How to obtain the teacher checkpoint of config `c`: commands for its dataset."""
+  if c.dataset.name == "fashion_mnist":
+    return ("train the quickstart's teacher with\n  python -m jaxkd.main --config "
+            "configs/quickstart.py --config.suite=\"('teacher',)\" --workdir runs/quickstart\n"
+            "(then use --config.teacher.checkpoint=runs/quickstart/teacher/model)")
   path = c.teacher.checkpoint or "DIR"
   model = c.teacher.model
-  if c.dataset.name == "fashion_mnist":
-    return (f"train the quickstart's teacher with\n  python -m jaxkd.main --config "
-            f"configs/quickstart.py --config.suite=\"('teacher',)\" --workdir runs/quickstart\n"
-            f"(then use --config.teacher.checkpoint=runs/quickstart/teacher/model)")
   family = "imagenet" if c.dataset.name == "imagenet2012" else "cifar100"
   return (f"train it with\n  python -m jaxkd.main --config configs/{family}.py:{model} "
           f"--workdir runs/teachers/{model}\n(then use --config.teacher.checkpoint="

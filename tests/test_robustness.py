@@ -25,7 +25,6 @@ from helpers import assert_trees_equal, load_params, quick_config, train_run
 from jaxkd import checkpoint
 from jaxkd import config as jconfig
 from jaxkd import optim
-from jaxkd import train
 from jaxkd.train import step as jstep
 from jaxkd.train import workdir as jworkdir
 
@@ -315,8 +314,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(base, small_
   path = damage(os.path.join(workdir, "checkpoints", "6"))
   summary = train_run(quick_config(small_dir, steps=6), workdir)
   out = capsys.readouterr().out
-  assert f"checkpoint step 6 is damaged ({path}" in out or (
-      f"checkpoint step 6 is damaged" in out and os.path.basename(path) in out), out
+  assert f"checkpoint step 6 is damaged ({path}" in out, out
   assert "checkpoints/3." in out  # "Resumed from .../checkpoints/3."
   assert summary["steps"] == 6
   assert os.listdir(os.path.join(workdir, "damaged_checkpoints"))[0].startswith("6-")
