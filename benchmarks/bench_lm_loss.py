@@ -12,7 +12,8 @@ of one distillation loss over N tokens and a vocabulary of V, three ways, in the
 Rounds interleave the three (and every weighting) so that a busy machine slows all alike; the
 median over rounds is reported. Memory: for JAX the compiled program's temporaries plus its
 outputs (`memory_analysis()`); for torch the allocator's peak on a GPU, and on the CPU the
-growth of the peak resident set of a fresh process running one step (inputs excluded). FLOP/s
+growth of the peak resident set (VmHWM) of a fresh process running one step (inputs
+excluded). FLOP/s
 count the matmul floor of the loss, 2·N·V·(Ht + 3·Hs) (teacher logits, student logits, and
 the two student gradients), whatever an implementation actually does.
 
@@ -23,7 +24,6 @@ the two student gradients), whatever an implementation actually does.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -139,9 +139,17 @@ def torch_peak_worker(size, weighting_name, temperature):
     step(*args)
     print(torch.cuda.max_memory_allocated() - base)
   else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: the latter survives exec, so a child of a big benchmark process
+    # would start with its parent's high-water mark.
+    base = _peak_rss()
     step(*args)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    print(_peak_rss() - base)
+
+
+def _peak_rss() -> int:
+  """This process's peak resident set (VmHWM), in bytes."""
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 
 
 def torch_peak(size, weighting_name, temperature):
