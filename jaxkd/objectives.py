@@ -179,8 +179,11 @@ def pskd_alpha(alpha_final: float, epoch: jax.Array, num_epochs: int) -> jax.Arr
 
 
 def _weight_metrics(w: jax.Array, where: jax.Array | None) -> dict[str, jax.Array]:
+  """Batch mean and max of the weights, and the `[B]` weights themselves ("weights", not a
+  scalar: the trainer's diagnostics collect them, docs/DESIGN.md#diagnostics)."""
   return {"weight_mean": losses.weighted_mean(w, where=where),
-          "weight_max": jnp.max(w if where is None else jnp.where(where, w, -jnp.inf))}
+          "weight_max": jnp.max(w if where is None else jnp.where(where, w, -jnp.inf)),
+          "weights": w}
 
 
 def _add_aux_ce(loss, metrics, aux_logits, labels, where):

@@ -116,23 +116,31 @@ class EvalLoader:
 
 def make_eval_loader(ds_spec: datasets.DatasetSpec | str, data_dir: str | None, *,
                      mesh: Mesh, global_batch: int, device_resident: bool,
-                     worker_count: int = 0) -> EvalLoader:
+                     worker_count: int = 0, split: str | None = None,
+                     long_tail_factor: float | None = None,
+                     long_tail_seed: int = 0) -> EvalLoader:
   """The eval split (`ds_spec.eval_split`, never long-tailed) as an `EvalLoader`.
 
-  Args: as `make_train_loader`; `global_batch` is the eval batch.
+  Args: as `make_train_loader`; `global_batch` is the eval batch. `split` (default the eval
+  split) passes over another split in order without augmentation, e.g. the train split for
+  the teacher's class mass (`jaxkd.train.diagnose`); `long_tail_factor` and `long_tail_seed`
+  then select the train split's long-tailed subset, as training does.
 
   Raises:
     ValueError: `global_batch` does not split over the mesh's devices.
   """
   ds_spec = datasets.spec(ds_spec)
   sharding.check_global_batch(global_batch, mesh)
-  split = ds_spec.eval_split
+  split = split or ds_spec.eval_split
   if device_resident:
     device.check_device_resident(ds_spec)
-    arrays = datasets.load_arrays(ds_spec.name, split, data_dir)
+    arrays = datasets.load_arrays(ds_spec.name, split, data_dir,
+                                  long_tail_factor=long_tail_factor, seed=long_tail_seed)
     pipeline = device.DeviceResidentLoader(
         arrays, ds_spec, global_batch=global_batch, mesh=mesh, train=False)
     return EvalLoader(pipeline, mesh)
   pipeline = host.host_iterator(ds_spec.name, split, data_dir, global_batch=global_batch,
-                                train=False, ds_spec=ds_spec, worker_count=worker_count)
+                                train=False, ds_spec=ds_spec, worker_count=worker_count,
+                                long_tail_factor=long_tail_factor,
+                                long_tail_seed=long_tail_seed)
   return EvalLoader(pipeline, mesh)

@@ -32,6 +32,7 @@ from jaxkd import config as jconfig
 from jaxkd import data as jdata
 from jaxkd import models
 from jaxkd import sharding
+from jaxkd.train import diagnose
 from jaxkd.train import interrupts
 from jaxkd.train import report
 from jaxkd.train import resume
@@ -72,7 +73,7 @@ class Experiment:
     d = spec.data
     self.ds_spec = jdata.spec(d.name, **dict(d.spec_overrides))
     self.num_classes = self.ds_spec.num_classes
-    data_dir = jdata.ensure_prepared(d.name, d.data_dir)
+    self.data_dir = data_dir = jdata.ensure_prepared(d.name, d.data_dir)
     self.train_data = jdata.make_train_loader(
         self.ds_spec, data_dir, mesh=self.mesh, global_batch=spec.batch_size,
         seeds=spec.seeds, device_resident=d.device_resident,
@@ -128,20 +129,13 @@ class Experiment:
     return jax.jit(lambda k: jstep.map_seeds(init, k),
                    out_shardings=sharding.replicated(self.mesh))(keys)
 
-  def evaluate(self, eval_step, variables) -> list[dict[str, Any]]:
-    """One eval summary per seed of `variables` (leading seed axis) over the eval split."""
-    sums = None
-    for batch in self.eval_data:
-      out = eval_step(variables, batch)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    num_seeds = jax.tree.leaves(sums)[0].shape[0]
-    return [report.summarize_eval(jax.tree.map(lambda x, i=i: x[i], sums))
-            for i in range(num_seeds)]
+  def evaluate(self, eval_step, variables) -> tuple[list[dict[str, Any]], list[dict]]:
+    """Per seed of `variables` (leading seed axis): eval summary, calibration (diagnose)."""
+    return diagnose.evaluate(eval_step, variables, self.eval_data)
 
   def evaluate_teacher(self) -> dict[str, Any]:
     variables = jax.tree.map(lambda x: x[None], self.teacher_variables)
-    return self.evaluate(self.teacher_eval_step, variables)[0]
+    return self.evaluate(self.teacher_eval_step, variables)[0][0]
 
 
 def check_teacher(spec: jconfig.RunSpec, num_classes: int) -> dict[str, Any]:
@@ -198,6 +192,7 @@ class _Run:
       if jax.process_index() == 0:
         jworkdir.drop_replayed_metrics(workdir, self.resumed.step)
       print(f"Resumed from {self.manager.directory}/{self.resumed.step}.", flush=True)
+    self.diag = diagnose.Diagnostics(exp, self.resumed and self.resumed.meta.get("diagnostics"))
     self.writer = report.MetricWriter(
         workdir, purge_step=None if self.resumed is None else self.resumed.step + 1)
     self._unchecked = []  # saved steps whose checksums are not recorded yet
@@ -224,7 +219,7 @@ class _Run:
     checkpoint.save_run(self.manager, step, self.state,
                         {"format": RUN_CHECKPOINT_FORMAT, "data": self.exp.train_data.get_state(),
                          "runs": self.runs, "teacher": self.teacher,
-                         "fingerprint": self.fingerprint})
+                         "fingerprint": self.fingerprint, "diagnostics": self.diag.state()})
     self._unchecked.append(step)
     if block:
       self.record_checksums()
@@ -269,7 +264,8 @@ class _Run:
 
   def evaluate(self, done: int) -> None:
     epoch = math.ceil(done / self.exp.steps_per_epoch)
-    results = self.exp.evaluate(self.exp.eval_step, jstep.model_variables(self.state))
+    results, self.diag.calibration = self.exp.evaluate(self.exp.eval_step,
+                                                       jstep.model_variables(self.state))
     for i, (run, result) in enumerate(zip(self.runs, results)):
       path = lambda kind, i=i: os.path.join(self.workdir, f"eval_{kind}{self.suffix(i)}.json")
       if report.record_eval(run, result, epoch, done):
@@ -279,6 +275,7 @@ class _Run:
     if len(results) > 1:
       scalars.update({f"top1_seed{i}": r["top1"] for i, r in enumerate(results)})
     self.writer.write(done, scalars, prefix="eval/")
+    self.diag.write(self.workdir, done, epoch)
 
   def log(self, done: int, pending: list, progress: report.Progress) -> None:
     fetched = jax.device_get(pending)
@@ -339,8 +336,9 @@ def _train(run: _Run, interrupt: interrupts.Interrupt) -> None:
     for step in range(start, total):
       run.state, metrics = exp.train_step(run.state, next(exp.train_data),
                                           exp.teacher_variables)
-      pending.append(metrics)
       done = step + 1
+      run.diag.add_step(metrics, done)  # takes the [S, B] weights out before the log
+      pending.append(metrics)
       if _due(done, spec.log_every_steps, total):
         run.log(done, pending, progress)
         pending = []
@@ -398,6 +396,7 @@ def _train_and_evaluate(config, spec, exp, workdir):
   _save_run_info(config, workdir, run)
   try:
     run.evaluate_teacher(run.step)
+    run.diag.start(exp.teacher_variables)
     with interrupts.Interrupt() as interrupt:
       _train(run, interrupt)
     if interrupt.requested:
@@ -411,6 +410,7 @@ def _train_and_evaluate(config, spec, exp, workdir):
     run.manager.wait_until_finished()
     run.check_finite()
     run.export(spec.model)
+    run.diag.finish(jstep.model_variables(run.state), workdir, run.step)
     final = report.final_summary(
         run.runs, teacher=run.teacher, images_per_sec=run.images_per_sec, steps=run.step,
         model=spec.model, mode=spec.mode, method=spec.method)

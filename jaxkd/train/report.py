@@ -3,7 +3,9 @@
 Everything here is host-side I/O on plain Python and NumPy values; only process 0 writes.
 Files of a run (in its workdir): `metrics.jsonl` (+ TensorBoard in `tb/` when tensorboardX is
 installed), `config.json`, `run_info.json`, `eval_last.json` / `eval_best.json` (with
-`_seed{i}` for several seeds) and `summary.json`.
+`_seed{i}` for several seeds), `summary.json`, and `diagnostics.json` (class mass,
+calibration, sample weights; written by `jaxkd/train/diagnose.py`, schema in
+`jaxkd/report_runs.py`).
 """
 
 from __future__ import annotations

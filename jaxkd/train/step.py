@@ -131,7 +131,9 @@ def train_step(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Array],
     teacher_variables: the frozen teacher's {"params", "batch_stats"} (distillation), else None.
 
   Returns:
-    (new state, the scalar metrics of this step).
+    (new state, the metrics of this step): scalars, and for a weighted objective also
+    "weights" float32 [B] (the per-example sample weights) and "weight_labels" int32 [B],
+    which the trainer's diagnostics collect instead of averaging.
   """
   labels = batch["label"]
   # The named scopes label every op of the step in profiles (benchmarks/bench_profile_step.py).
@@ -175,6 +177,8 @@ def train_step(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Array],
   metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
   metrics["lr"] = cfg.schedule(state.step)
   metrics["grad_norm"] = optax.tree.norm(grads)
+  if "weights" in metrics:
+    metrics["weight_labels"] = labels
   return new_state, metrics
 
 
@@ -197,7 +201,9 @@ def _keep_if_finite(finite: jax.Array, state: TrainState, **new: Any) -> TrainSt
 
 def eval_step(model: nn.Module, num_classes: int, variables: Any,
               batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums over a batch of: top-1/top-5 hits, CE, examples, per-class hits and counts.
+  """Sums over a batch of: top-1/top-5 hits, CE, examples, per-class hits and counts; and
+  per example, under "examples", the maximum softmax probability ("confidence" float32 [B]),
+  the top-1 hit ("correct" bool [B]) and "mask" [B], for calibration (ECE, AURC).
 
   Padding rows (`mask` False) count nowhere.
   """
@@ -214,7 +220,11 @@ def eval_step(model: nn.Module, num_classes: int, variables: Any,
   hit1 = (rank == 0) & mask
   hit5 = (rank < min(5, num_classes)) & mask
   ce = jax.nn.logsumexp(logits, axis=-1) - true_logit[:, 0]
+  # max softmax = exp(max z − logsumexp z), in float32: no [B, C] probabilities are formed.
+  z = logits.astype(jnp.float32)
+  confidence = jnp.exp(jnp.max(z, axis=-1) - jax.nn.logsumexp(z, axis=-1))
   return {
+      "examples": {"confidence": confidence, "correct": rank == 0, "mask": mask},
       "top1": jnp.sum(hit1), "top5": jnp.sum(hit5), "count": jnp.sum(mask),
       "ce": jnp.sum(jnp.where(mask, ce, 0.0)),
       "class_hits": jax.ops.segment_sum(hit1.astype(jnp.int32), labels, num_classes),
