@@ -185,16 +185,19 @@ def run_size(size, opts, torch):
   for impl in impls.values():  # compile and warm up
     impl["run"]()
   times = {key: [] for key in impls}
+  cpu = {key: [] for key in impls}
   for _ in range(opts.rounds):
     for key, impl in impls.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       impl["run"]()
       times[key].append(time.perf_counter() - start)
+      cpu[key].append(time.process_time() - start_cpu)
   rows = []
   for (kind, w), impl in impls.items():
     t = statistics.median(times[(kind, w)])
     rows.append(dict(size=size, n=n, v=v, h=h, impl=kind, weighting=w, seconds=t,
-                     seconds_all=times[(kind, w)], peak_bytes=int(impl["memory"]),
+                     seconds_all=times[(kind, w)], cpu_seconds=statistics.median(cpu[(kind, w)]),
+                     peak_bytes=int(impl["memory"]),
                      floor_flop_per_s=floor_flops(n, v, h) / t))
   for r in rows:
     dense = next(x for x in rows if x["impl"] == "dense" and x["weighting"] == r["weighting"])
@@ -202,6 +205,8 @@ def run_size(size, opts, torch):
     r["time_vs_dense"] = r["seconds"] / dense["seconds"]
     r["memory_vs_dense"] = r["peak_bytes"] / dense["peak_bytes"]
     r["time_vs_unweighted"] = r["seconds"] / plain["seconds"]
+    r["cpu_vs_dense"] = r["cpu_seconds"] / dense["cpu_seconds"]
+    r["cpu_vs_unweighted"] = r["cpu_seconds"] / plain["cpu_seconds"]
   return rows
 
 
@@ -236,13 +241,17 @@ def markdown(rows, meta):
          f"kernel), Hs = Ht = H, τ = {meta['temperature']}, fused chunk = {meta['chunk_size']} "
          f"tokens; median of {meta['rounds']} interleaved rounds. Busy cores (other jobs) "
          f"before / after: {meta['busy_cores_before']} / {meta['busy_cores_after']} of "
-         f"{os.cpu_count()}. Floor FLOP/s: 2·N·V·(Ht + 3·Hs) / time. Memory: JAX compiled "
-         f"temporaries + outputs; torch: {meta['torch_memory']}.", "",
-         "| N × V × H | weighting | impl | time s | vs dense | vs unweighted | peak MiB | "
-         "vs dense | floor GFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
+         f"{os.cpu_count()}. CPU s: the process's CPU time (all threads), less sensitive "
+         f"than the wall-clock to other jobs. Floor FLOP/s: 2·N·V·(Ht + 3·Hs) / time. "
+         f"Memory: JAX compiled temporaries + outputs; torch: {meta['torch_memory']}.", "",
+         "| N × V × H | weighting | impl | time s | vs dense | vs unweighted | CPU s | "
+         "vs dense | vs unweighted | peak MiB | vs dense | floor GFLOP/s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     out.append(f"| {r['size']} | {r['weighting']} | {r['impl']} | {r['seconds']:.3f} | "
                f"{r['time_vs_dense']:.2f} | {r['time_vs_unweighted']:.2f} | "
+               f"{r['cpu_seconds']:.2f} | {r['cpu_vs_dense']:.2f} | "
+               f"{r['cpu_vs_unweighted']:.2f} | "
                f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_vs_dense']:.3f} | "
                f"{r['floor_flop_per_s'] / 1e9:.1f} |")
   return "\n".join(out) + "\n"
