@@ -2,7 +2,8 @@
 
 A CE run of `quick_student` (its own class mass and calibration; it is also the vanilla
 student of the report), then IPWD distilling a `quick_student` from it (the teacher's class
-mass, calibration, sample weights). Both share one module fixture; the numbers are checked
+mass, calibration, sample weights), both on a long-tailed subset of the train split (so the
+class-mass pass must read that subset). They share one module fixture; the numbers are checked
 against NumPy float64 recomputations from the saved models and the logged metrics, and
 `jaxkd.report` over the two draws every figure that needs diagnostics.json.
 """
@@ -23,7 +24,7 @@ from jaxkd.data import datasets
 
 from helpers import quick_config, read_metrics, small_fashion_data_dir, train_run
 
-STEPS, BATCH, N_TRAIN, N_TEST = 6, 32, 1000, 500
+STEPS, BATCH, N_TEST, LT = 6, 32, 500, {"dataset.long_tail_factor": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,11 @@ def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("diagnose"))
   data_dir = small_fashion_data_dir()
   teacher = os.path.join(root, "teacher")
-  train_run(quick_config(data_dir, model="quick_student", steps=STEPS, batch=BATCH), teacher)
+  train_run(quick_config(data_dir, model="quick_student", steps=STEPS, batch=BATCH, **LT),
+            teacher)
   student = os.path.join(root, "ipwd")
   train_run(quick_config(data_dir, mode="distill", method="ipwd", steps=STEPS, batch=BATCH,
-                         **{"teacher.model": "quick_student",
+                         **LT, **{"teacher.model": "quick_student",
                             "teacher.checkpoint": os.path.join(teacher, "model")}), student)
   read = lambda run: json.load(open(os.path.join(root, run, "diagnostics.json")))
   return {"root": root, "data_dir": data_dir, "teacher": read("teacher"),
@@ -42,10 +44,12 @@ def runs(tmp_path_factory):
 
 
 def _logits(run_dir, data_dir, split):
-  """The saved model's logits [N, C] over a split, in order, without augmentation."""
+  """The saved model's logits [N, C] over a split (the train split's long-tailed subset), in
+  order, without augmentation."""
   variables, meta = checkpoint.restore_model_variables(os.path.join(run_dir, "model"))
   model = models.create(meta["model"], 10)
-  arrays = datasets.load_arrays("fashion_mnist", split, data_dir)
+  arrays = datasets.load_arrays("fashion_mnist", split, data_dir,
+                                long_tail_factor=LT["dataset.long_tail_factor"])
   spec = datasets.spec("fashion_mnist")
   images = augment.augment_batch(arrays["image"], spec, train=False)
   logits = jax.jit(lambda x: model.apply(variables, x, train=False))(images)
@@ -54,7 +58,7 @@ def _logits(run_dir, data_dir, split):
 
 def _check_mass(record, logits):
   assert record["split"] == "train" and record["augmentation"] is False
-  assert record["num_examples"] == N_TRAIN
+  assert record["num_examples"] == len(logits) < 1000  # the subset of the 1,000
   assert record["temperatures"] == list(dg.TEMPERATURES)
   np.testing.assert_allclose(record["mass"], dg.class_mass(logits), rtol=2e-4, atol=1e-3)
 
@@ -89,7 +93,7 @@ def test_distill_run_writes_teacher_mass_calibration_and_weights(runs):
   np.testing.assert_allclose(seed["calibration"]["ece"], dg.calibration(logits, labels)["ece"],
                              rtol=1e-4, atol=1e-5)
   w = seed["weights"]
-  (epoch,) = w["per_epoch"]  # six steps of a 31-step epoch: the run's one partial epoch
+  (epoch,) = w["per_epoch"]  # six steps of a longer epoch: the run's one partial epoch
   final = w["final"]
   assert epoch["epoch"] == 1 and final["count"] == STEPS * BATCH
   assert epoch["mean"] == pytest.approx(final["mean"]) and len(final["class_mean"]) == 10
@@ -111,3 +115,25 @@ def test_report_draws_the_figures_that_need_diagnostics(runs):
   md = open(result["markdown"]).read()
   ece = runs["ipwd"]["seeds"][0]["calibration"]["ece"]
   assert f"{100 * ece:.2f}" in md and "No diagnostics.json" not in md
+
+
+def test_quickstart_long_tail_preset(tmp_path):
+  """`configs/quickstart.py:lt=100`: every run of the suite, the teacher too, trains on the
+  CIFAR-100-LT profile of Fashion-MNIST, for 4 student epochs (8 for the teacher)."""
+  from jaxkd import config as jconfig
+  from jaxkd import suite
+  from jaxkd.data import long_tail
+  from helpers import config_module
+  c = config_module("quickstart").get_config("lt=100")
+  runs = dict(suite.expand(c, str(tmp_path)))
+  assert set(runs) == {"teacher", "ce", "kd", "erkd", "eakd", "ipwd", "dkd"}
+  for name, run in runs.items():
+    spec = jconfig.resolve(run)
+    assert spec.data.long_tail_factor == 100.0 and spec.data.long_tail_seed == 0, name
+    assert spec.num_epochs == (8 if name == "teacher" else 4), name
+  assert runs["dkd"].loss.dkd_warmup_epochs == 4.0
+  counts = long_tail.long_tail_counts(6000, 10, 100.0)  # the docstring's numbers
+  assert (counts[0], counts[-1], counts.sum()) == (6000, 60, 14886)
+  plain = config_module("quickstart").get_config("lt=10,epochs=2,smoke")
+  assert plain.dataset.long_tail_factor == 10.0 and plain.num_epochs == 2
+  assert config_module("quickstart").get_config(None).dataset.get("long_tail_factor") is None
