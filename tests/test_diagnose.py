@@ -137,3 +137,16 @@ def test_quickstart_long_tail_preset(tmp_path):
   plain = config_module("quickstart").get_config("lt=10,epochs=2,smoke")
   assert plain.dataset.long_tail_factor == 10.0 and plain.num_epochs == 2
   assert config_module("quickstart").get_config(None).dataset.get("long_tail_factor") is None
+
+
+def test_a_resumed_run_keeps_its_diagnostics(runs):
+  """Rerun on its finished workdir, the IPWD run resumes at its last step and trains
+  nothing: the diagnostics it writes again come from the checkpoint's metadata."""
+  student = os.path.join(runs["root"], "ipwd")
+  os.remove(os.path.join(student, "diagnostics.json"))
+  train_run(quick_config(runs["data_dir"], mode="distill", method="ipwd", steps=STEPS,
+                         batch=BATCH, **LT, **{"teacher.model": "quick_student",
+                                               "teacher.checkpoint": os.path.join(
+                                                   runs["root"], "teacher", "model")}), student)
+  again = json.load(open(os.path.join(student, "diagnostics.json")))
+  assert again == runs["ipwd"]

@@ -13,8 +13,9 @@ the class mass as Σ_i softmax(z_i/τ) [T, C] per batch (padding rows skipped), 
 per-example maximum probability and top-1 hit, the train step's per-example weights. So no
 [N, C] logits ever reach the host, and the train step keeps its cost (one [B] output more).
 
-Resume: the teacher's class mass, every finished epoch's weight record and the last
-epoch's weight statistics travel in the checkpoint's metadata (`state()`). The weights of
+Resume: the teacher's class mass, the last calibration, every finished epoch's weight
+record and the last epoch's weight statistics travel in the checkpoint's metadata
+(`state()`). The weights of
 an epoch are collected from its steps in this process, so after a resume in the middle of
 an epoch, that epoch's record covers the steps since the resume.
 """
@@ -81,13 +82,13 @@ class Diagnostics:
     self.per_epoch = saved.get("per_epoch") or [[] for _ in range(self.num_seeds)]
     self.final = saved.get("final") or [None] * self.num_seeds
     self.self_mass = [None] * self.num_seeds
-    self.calibration = [None] * self.num_seeds
+    self.calibration = saved.get("calibration") or [None] * self.num_seeds
     self._weights, self._labels = [], []  # this epoch's steps, as fetched device arrays
 
   def state(self) -> dict[str, Any]:
     """What the checkpoint's metadata keeps (JSON; a copy: the save may finish later)."""
-    return copy.deepcopy({"teacher_class_mass": self.teacher_mass,
-                          "per_epoch": self.per_epoch, "final": self.final})
+    return copy.deepcopy({"teacher_class_mass": self.teacher_mass, "per_epoch": self.per_epoch,
+                          "final": self.final, "calibration": self.calibration})
 
   def _mass(self, model, variables, seeds_per_vmap=None) -> list[dict[str, Any]]:
     """The class mass of `variables` (leading seed axis) over the training examples (the
