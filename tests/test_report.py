@@ -289,8 +289,14 @@ def test_report_of_a_real_smoke_suite(tmp_path):
   cal = _md_table(md, "Calibration")
   assert cal["ipwd"][0] == f"{json.load(open(work / 'ipwd' / 'eval_last.json'))['ce']:.4f}"
   names = {os.path.basename(p) for p in res["figures"]}
-  # One evaluation per run is no learning curve; the losses and weights are logged each step.
-  assert names == {"train_loss.png", "weights_over_training.png"}
+  # One evaluation per run is no learning curve; the losses and weights are logged each step;
+  # the rest come from the diagnostics.json each run wrote.
+  assert names == {"train_loss.png", "weights_over_training.png", "reliability.png",
+                   "class_mass.png", "recall_gain.png", "weight_histograms.png",
+                   "weight_vs_mass.png"}
+  assert "No diagnostics.json" not in md
+  ipwd = json.load(open(work / "ipwd" / "diagnostics.json"))["seeds"][0]
+  assert cal["ipwd"][1] == f"{100 * ipwd['calibration']['ece']:.2f}"
 
 
 def test_a_students_teacher_mass_from_the_teachers_folder(tmp_path):
