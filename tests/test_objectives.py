@@ -224,11 +224,17 @@ class _Group:
     return jax.tree.map(np.asarray, out)
 
   def __call__(self, name, step=0):
-    """(loss, metrics) of objective `name` at `step`, as Python floats."""
+    """(loss, metrics) of objective `name` at `step`, as Python floats; the per-example
+    weights of a weighted objective (`[B]`, for the trainer's diagnostics) are left out after
+    a check of their shape and mean."""
     loss, metrics = self._results[name]
     i = self.steps.index(step)
     assert loss[i] == metrics["loss"][i]
-    return float(loss[i]), {k: float(v[i]) for k, v in metrics.items()}
+    if "weights" in metrics:
+      w = metrics["weights"][i]
+      assert w.shape == self.batch["y"].shape
+      np.testing.assert_allclose(w.mean(), metrics["weight_mean"][i], rtol=1e-5)
+    return float(loss[i]), {k: float(v[i]) for k, v in metrics.items() if k != "weights"}
 
 
 SPE = 7   # steps per epoch of every group but the quickstart's
@@ -784,6 +790,12 @@ def test_where_padding_changes_nothing(name):
   (loss, metrics), _ = garbage[name]
   expected = _reference(name, kept, WHERE_EPOCH)
   assert np.isfinite(loss) and loss == metrics["loss"]
+  metrics = dict(metrics)
+  weights = metrics.pop("weights", None)   # [B], for the diagnostics: the kept rows' count
+  if weights is not None:
+    kept_weights = weights[np.asarray(WHERE)]
+    assert np.all(np.isfinite(kept_weights))
+    np.testing.assert_allclose(kept_weights.mean(), metrics["weight_mean"], **TOL)
   assert metrics.keys() == expected.keys()
   for key, value in expected.items():
     np.testing.assert_allclose(metrics[key], value, err_msg=key, **TOL)
