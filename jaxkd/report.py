@@ -29,6 +29,14 @@ from jaxkd.report_runs import ReportError, find_runs, load_run, mean_std
 __all__ = ["write_report", "main", "ReportError"]
 
 
+def _add_figures(blocks: list, figures: list, drawn) -> None:
+  """Appends each (path, caption) whose figure was drawn (path not None) to the report."""
+  for path, caption in drawn:
+    if path:
+      figures.append(path)
+      blocks.append(("fig", path, caption))
+
+
 def _f(v, digits: int = 2, sign: bool = False) -> str:
   if v is None or (isinstance(v, float) and not np.isfinite(v)):
     return "—"
@@ -152,11 +160,10 @@ def _calibration_section(runs, blocks, out, figures) -> None:
                    "risk–coverage curve (examples ranked by maximum probability) and its "
                    "excess over the ideal ranking, ×1000. Lower is better for all four."),
              ("table", ["run", "NLL", "ECE (%)", "AURC (×1000)", "E-AURC (×1000)"], rows)]
-  path = figs.reliability(panels, out)
-  if path:
-    figures.append(path)
-    blocks.append(("fig", path, "Reliability diagrams (seed 0 of each run): accuracy per "
-                                "confidence bin against the diagonal of perfect calibration."))
+  _add_figures(blocks, figures, [(figs.reliability(panels, out),
+                                  "Reliability diagrams (seed 0 of each run): accuracy per "
+                                  "confidence bin against the diagonal of perfect "
+                                  "calibration.")])
 
 
 def _mass_section(runs, blocks, out, figures) -> None:
@@ -195,10 +202,8 @@ def _mass_section(runs, blocks, out, figures) -> None:
                    "classes measure how long-tailed the teacher's predictions are."),
              ("table", ["teacher", "τ", "largest class", "smallest class", "ratio",
                         "top-quarter share (%)"], rows)]
-  path = figs.class_mass(panels, out)
-  if path:
-    figures.append(path)
-    blocks.append(("fig", path, "The teacher's probability mass per class, ranked."))
+  _add_figures(blocks, figures, [(figs.class_mass(panels, out),
+                                  "The teacher's probability mass per class, ranked.")])
 
 
 def _recall_of(run, kind: str) -> list[list]:
@@ -256,10 +261,8 @@ def _gain_section(runs, baseline, args, blocks, out, figures, notes) -> None:
              ("p", f"The baseline's own macro recall (%) by the same groups (ranked by "
                    f"{rows[0][0]}'s teacher): " + " / ".join(_f(v) for v in own)
                    + f"; all classes {_f(own_all)}.")]
-  path = figs.recall_gain(bars, labels, baseline["name"], out)
-  if path:
-    figures.append(path)
-    blocks.append(("fig", path, "Macro recall gain over the baseline, by teacher-mass rank."))
+  _add_figures(blocks, figures, [(figs.recall_gain(bars, labels, baseline["name"], out),
+                                  "Macro recall gain over the baseline, by teacher-mass rank.")])
 
 
 def _weights_section(runs, args, blocks, out, figures) -> None:
@@ -304,14 +307,12 @@ def _weights_section(runs, args, blocks, out, figures) -> None:
                         "the distributions need diagnostics.json."))
   if rows:
     blocks.append(("table", ["run", "mean", "std", "p5", "median", "p95", "max", "ρ"], rows))
-  for path, caption in ((figs.weight_histograms(hists, out), "Final weight distributions."),
-                        (figs.weight_vs_mass(scatter, out), "Mean weight per class against "
-                                                            "the teacher's class mass."),
-                        (figs.weights_over_training(curves, out, args.unit),
-                         "Mean sample weight during training.")):
-    if path:
-      figures.append(path)
-      blocks.append(("fig", path, caption))
+  _add_figures(blocks, figures, [
+      (figs.weight_histograms(hists, out), "Final weight distributions."),
+      (figs.weight_vs_mass(scatter, out), "Mean weight per class against the teacher's "
+                                          "class mass."),
+      (figs.weights_over_training(curves, out, args.unit),
+       "Mean sample weight during training.")])
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -351,13 +352,9 @@ def write_report(paths: list[str], out: str, baseline: str | None = None, *,
   curves = [{"name": r["name"], "colour": r["colour"],
              "eval_curve": _curve(r, "eval/top1", args.unit),
              "loss_curve": _curve(r, "train/loss", args.unit)} for r in runs]
-  for path, caption in ((figs.learning_curves(curves, out, args.unit),
-                         "Test top-1 at each evaluation."),
-                        (figs.train_loss(curves, out, args.unit),
-                         "Training loss at each logged step.")):
-    if path:
-      figures.append(path)
-      blocks.append(("fig", path, caption))
+  _add_figures(blocks, figures, [
+      (figs.learning_curves(curves, out, args.unit), "Test top-1 at each evaluation."),
+      (figs.train_loss(curves, out, args.unit), "Training loss at each logged step.")])
   _calibration_section(runs, blocks, out, figures)
   _mass_section(runs, blocks, out, figures)
   _gain_section(runs, base, args, blocks, out, figures, notes)
