@@ -340,6 +340,23 @@ def cli(args, env=None, **kwargs):
                         capture_output=True, text=True, **kwargs)
 
 
+def signal_cli_run(args, workdir, signum, after_rows, env=None):
+  """Starts `python -m jaxkd.main ARGS`, sends it `signum` once its teacher run has logged
+  `after_rows` rows of metrics.jsonl, and returns (returncode, stdout, stderr)."""
+  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= after_rows):
+    assert proc.poll() is None, "the run ended before the signal could be sent"
+    time.sleep(0.05)
+  proc.send_signal(signum)
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
 def run_cli_config(workdir, data_dir, steps, extra=()):
   return ["--config", os.path.join(REPO, "configs", "quickstart.py"),
           "--workdir", workdir, f"--config.dataset.data_dir={data_dir}",

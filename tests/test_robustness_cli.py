@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -44,18 +43,8 @@ def test_sigterm_saves_and_a_damaged_checkpoint_falls_back(small_dir, tmp_path):
   resumes from the previous step and finishes."""
   workdir = str(tmp_path / "run")
   args = run_cli_config(workdir, small_dir, 400, extra=("--config.checkpoint.every_steps=4",))
-  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **ONE_DEVICE},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and not (
-      os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 6):
-    assert proc.poll() is None, "the run ended before it could be stopped"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 143, err[-3000:]
+  returncode, out, err = helpers.signal_cli_run(args, workdir, signal.SIGTERM, 6, ONE_DEVICE)
+  assert returncode == 143, err[-3000:]
   assert "(SIGTERM)" in out, out[-2000:]
   saved = int(out.split("Interrupted: saved step ")[1].split()[0])
   ckpt = os.path.join(workdir, "teacher", "checkpoints")
@@ -73,6 +62,7 @@ def test_sigterm_saves_and_a_damaged_checkpoint_falls_back(small_dir, tmp_path):
   assert f"checkpoint step {saved} is damaged ({victim}: differs from the checksum" in (
       rerun.stdout), rerun.stdout[-2000:]
   assert f"Resumed from {ckpt}/{steps[-2]}." in rerun.stdout
+  metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
   logged = [json.loads(l)["step"] for l in open(metrics) if "train/loss" in l]
   assert logged == list(range(1, saved + 3))  # replayed steps are logged once
 

@@ -211,18 +211,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(small_dir, tmp_path):
   # rerun resumes from that step and ends bit-equal too.
   workdir = str(tmp_path / "interrupted")
   args = run_cli_config(workdir, small_dir, steps)
-  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, "teacher", "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and not (
-      os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 5):
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 130, err[-3000:]
+  returncode, out, err = helpers.signal_cli_run(args, workdir, signal.SIGINT, 5, env)
+  assert returncode == 130, err[-3000:]
   assert "Interrupted: saved step" in out, out[-2000:]
   saved = int(out.split("Interrupted: saved step ")[1].split()[0])
   assert 0 < saved < steps
