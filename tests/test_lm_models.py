@@ -27,16 +27,16 @@ def _tokens(seed=0, length=L):
 @pytest.fixture(scope="module")
 def untied():
   model = _model()
-  return model, model.init(jax.random.key(1), _tokens())
+  return model, jax.jit(model.init)(jax.random.key(1), _tokens())
 
 
 def test_shapes_and_float32_params_under_bf16():
   model = _model(dtype=jnp.bfloat16)
-  variables = model.init(jax.random.key(0), _tokens())
+  variables = jax.jit(model.init)(jax.random.key(0), _tokens())
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  hidden = model.apply(variables, _tokens())
-  kernel, bias = model.apply(variables, method="head")
-  logits = model.apply(variables, _tokens(), method="logits")
+  hidden, (kernel, bias), logits = jax.jit(lambda v, x: (
+      model.apply(v, x), model.apply(v, method="head"), model.apply(v, x, method="logits")))(
+          variables, _tokens())
   assert hidden.shape == (B, L, 32) and hidden.dtype == jnp.bfloat16
   assert kernel.shape == (32, V) and kernel.dtype == jnp.bfloat16 and bias is None
   assert logits.shape == (B, L, V) and logits.dtype == jnp.float32
@@ -47,12 +47,11 @@ def test_causal_mask(tied):
   """Changing tokens from position t on leaves every position before t as it was."""
   model = _model(tied=tied)
   tokens = _tokens()
-  variables = model.init(jax.random.key(2), tokens)
+  variables = jax.jit(model.init)(jax.random.key(2), tokens)
   t = 5
   changed = tokens.at[:, t:].set((tokens[:, t:] + 7) % V)
-  h0, h1 = model.apply(variables, tokens), model.apply(variables, changed)
-  z0 = model.apply(variables, tokens, method="logits")
-  z1 = model.apply(variables, changed, method="logits")
+  both = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="logits")))
+  (h0, z0), (h1, z1) = both(variables, tokens), both(variables, changed)
   np.testing.assert_allclose(h0[:, :t], h1[:, :t], rtol=0, atol=1e-6)
   np.testing.assert_allclose(z0[:, :t], z1[:, :t], rtol=0, atol=1e-6)
   assert np.abs(np.asarray(h0[:, t:] - h1[:, t:])).max() > 1e-3  # later positions do see it
@@ -60,10 +59,9 @@ def test_causal_mask(tied):
 
 def test_bf16_forward_close_to_float32(untied):
   model, variables = untied
-  z32 = model.apply(variables, _tokens(3), method="logits")
-  z16 = _model(dtype=jnp.bfloat16).apply(variables, _tokens(3), method="logits")
-  h32 = model.apply(variables, _tokens(3))
-  h16 = _model(dtype=jnp.bfloat16).apply(variables, _tokens(3)).astype(jnp.float32)
+  run = lambda m: jax.jit(lambda v, x: (m.apply(v, x).astype(jnp.float32),
+                                        m.apply(v, x, method="logits")))(variables, _tokens(3))
+  (h32, z32), (h16, z16) = run(model), run(_model(dtype=jnp.bfloat16))
   # RMS-normed hidden states are O(1): bf16's 8-bit mantissa over two blocks stays within
   # a few hundredths of them; the logits (|z| ~ 0.1 at init) within a few thousandths.
   np.testing.assert_allclose(h16, h32, atol=5e-2)
@@ -73,9 +71,9 @@ def test_bf16_forward_close_to_float32(untied):
 
 def test_tied_head_is_the_embedding_transposed():
   model = _model(tied=True)
-  variables = model.init(jax.random.key(0), _tokens())
+  variables = jax.jit(model.init)(jax.random.key(0), _tokens())
   assert "lm_head" not in variables["params"]
-  kernel, _ = model.apply(variables, method="head")
+  kernel, _ = jax.jit(lambda v: model.apply(v, method="head"))(variables)
   np.testing.assert_array_equal(kernel, variables["params"]["embed"]["embedding"].T)
 
 

@@ -1,0 +1,206 @@
+"""jaxkd.train.lm_step: the teacher's chunked CE, the distillation step over
+`jaxkd.lm.distill_loss`, and the evaluation sums, on tiny transformers.
+
+References: dense logits through `jaxkd.losses` / `jaxkd.weighting` (value and gradient of the
+distillation loss), and float64 NumPy for the CE and the evaluation sums.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd import losses
+from jaxkd import weighting
+from jaxkd.models import transformer
+from jaxkd.train import lm_step
+
+V, B, L = 53, 2, 10
+
+
+def _model(layers, hidden, heads=2):
+  return transformer.Transformer(vocab_size=V, num_layers=layers, hidden=hidden,
+                                 num_heads=heads)
+
+
+STUDENT, TEACHER = _model(1, 16), _model(2, 32)
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  # A learnable stream: the next token is the current one plus 1, with a little noise.
+  seq = (rng.integers(0, V, size=(B, 1)) + np.arange(L + 1)[None]) % V
+  seq = np.where(rng.uniform(size=seq.shape) < 0.1, 7, seq).astype(np.int32)
+  mask = np.ones((B, L), bool)
+  mask[1, -3:] = False
+  return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "mask": mask}
+
+
+METHODS = ("kd", "erkd", "eakd")
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """The optimizer, a fresh student, and a teacher after 6 CE steps (their losses too)."""
+  tx, _ = lm_step.make_optimizer(3e-3, warmup_steps=2, total_steps=50, weight_decay=0.01)
+  init = jax.jit(lm_step.init_state, static_argnums=(0, 1))
+  student = init(STUDENT, tx, jax.random.key(1))
+  teacher = init(TEACHER, tx, jax.random.key(2))
+  t_step = functools.partial(lm_step.teacher_step, model=TEACHER, tx=tx, chunk_size=8)
+  teacher, seen = _scan(t_step, teacher, 6, _batch())
+  return tx, student, teacher, seen
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1024])
+def test_chunked_cross_entropy_against_float64(chunk):
+  rng = np.random.default_rng(chunk)
+  h = rng.normal(size=(B, L, 6)).astype(np.float32)
+  w = rng.normal(size=(6, V)).astype(np.float32)
+  b = rng.normal(size=(V,)).astype(np.float32)
+  y = rng.integers(0, V, size=(B, L))
+  keep = rng.uniform(size=(B, L)) > 0.3
+  h[~keep] = np.nan  # excluded tokens reach neither the value nor the gradient
+  fn = lambda h, w: lm_step.chunked_cross_entropy(h, w, jnp.asarray(b), jnp.asarray(y),
+                                                  jnp.asarray(keep), chunk_size=chunk)
+  (total, count) = fn(jnp.asarray(h), jnp.asarray(w))
+  logp = _np_log_softmax(np.nan_to_num(h.astype(np.float64)) @ w + b)
+  ref = -np.take_along_axis(logp, y[..., None], -1)[..., 0][keep].sum()
+  assert count == keep.sum()
+  np.testing.assert_allclose(total, ref, rtol=1e-5)
+  gh, gw = jax.grad(lambda h, w: fn(h, w)[0], argnums=(0, 1))(jnp.asarray(h), jnp.asarray(w))
+  assert np.isfinite(np.asarray(gh)).all() and not np.asarray(gh)[~keep].any()
+  p = np.exp(logp) - np.eye(V)[y]
+  np.testing.assert_allclose(gw, np.einsum("blh,blv->hv", np.nan_to_num(h)[keep][None],
+                                           p[keep][None]), rtol=1e-4, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _scan(step, state, k, *args):
+  """k steps in one program (one compile); the new state and the k losses."""
+  def body(state, _):
+    state, metrics = step(state, *args)
+    return state, metrics["loss"]
+  return jax.lax.scan(body, state, None, length=k)
+
+
+def test_teacher_step_lowers_the_loss(setup):
+  seen = np.asarray(setup[3])
+  assert seen[-1] < seen[0] - 0.2, seen
+  assert seen[0] == pytest.approx(np.log(V), abs=0.3)  # near uniform at init
+
+
+def test_distill_step_lowers_the_loss(setup):
+  tx, student, teacher, _ = setup
+
+  def steps(student, teacher_params, batch):  # the three methods in one program
+    out = {}
+    for method in METHODS:
+      cfg = lm_step.DistillConfig(method=method, temperature=2.0, ce_weight=0.5, chunk_size=8)
+      step = functools.partial(lm_step.distill_step, student=STUDENT, teacher=TEACHER, tx=tx,
+                               cfg=cfg)
+      out[method] = jax.lax.scan(lambda s, _: (lambda r: (r[0], r[1]["loss"]))(
+          step(s, teacher_params, batch)), student, None, length=5)
+    return out
+
+  out = jax.jit(steps)(student, teacher.params, _batch())
+  for method, (state, seen) in out.items():
+    assert seen[-1] < seen[0], (method, seen)
+    assert int(state.step) == 5
+
+
+def _dense_reference(params, teacher_params, batch, cfg):
+  """The same objective on materialised [B, L, V] logits, through jaxkd.losses/weighting."""
+  zs = STUDENT.apply({"params": params}, batch["tokens"], method="logits")
+  zt = jax.lax.stop_gradient(TEACHER.apply({"params": teacher_params}, batch["tokens"],
+                                           method="logits"))
+  where, tau = batch["mask"], cfg.temperature
+  tau_w = cfg.weighting_temperature or tau
+  weights = {"kd": None,
+             "erkd": weighting.teacher_entropy_weights(zt, temperature=tau_w, where=where),
+             "eakd": weighting.adaptive_entropy_weights(zt, zs, temperature=tau_w,
+                                                        where=where)}[cfg.method]
+  kd = losses.kd_loss(zs, zt, temperature=tau, weights=weights, where=where)
+  ce = losses.weighted_mean(losses.cross_entropy(zs, batch["targets"]), where=where)
+  return cfg.kd_weight * kd + cfg.ce_weight * ce
+
+
+@pytest.fixture(scope="module")
+def fused_and_dense(setup):
+  """Value and gradient of the fused loss and the dense reference for each method, and the
+  fused loss's gradient with respect to the teacher, from one program."""
+  _, student, teacher, _ = setup
+
+  def both(params, teacher_params, batch):
+    out = {}
+    for method in METHODS:
+      cfg = lm_step.DistillConfig(method=method, temperature=2.0, weighting_temperature=1.5,
+                                  ce_weight=0.3, kd_weight=0.7, chunk_size=6)
+      fused = lambda p, tp: lm_step.distill_loss_fn(p, tp, batch, student=STUDENT,
+                                                    teacher=TEACHER, cfg=cfg)
+      out[method] = (jax.value_and_grad(fused)(params, teacher_params),
+                     jax.value_and_grad(_dense_reference)(params, teacher_params, batch, cfg),
+                     jax.grad(fused, argnums=1)(params, teacher_params))
+    return out
+
+  return jax.jit(both)(student.params, teacher.params, _batch(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_distill_loss_equals_the_dense_reference(fused_and_dense, method):
+  (v1, g1), (v2, g2), _ = fused_and_dense[method]
+  np.testing.assert_allclose(v1, v2, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), g1, g2)
+
+
+def test_teacher_gets_no_gradient(fused_and_dense):
+  for method in METHODS:
+    grads = fused_and_dense[method][2]
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads)), method
+
+
+def test_eval_sums_against_float64(setup):
+  _, student, teacher, _ = setup
+  batch = _batch(2)
+  cfg = lm_step.DistillConfig(method="erkd", temperature=1.0)
+  out = jax.jit(functools.partial(lm_step.eval_sums, model=STUDENT, teacher=TEACHER, cfg=cfg,
+                                  num_buckets=4, chunk_size=7))(
+                                      student.params, batch, teacher_params=teacher.params)
+  keep = np.asarray(batch["mask"])
+  y = np.asarray(batch["targets"])
+  logits = jax.jit(lambda sp, tp, x: (STUDENT.apply({"params": sp}, x, method="logits"),
+                                       TEACHER.apply({"params": tp}, x, method="logits")))
+  ls, lt = map(_np_log_softmax, logits(student.params, teacher.params, batch["tokens"]))
+  nll = -np.take_along_axis(ls, y[..., None], -1)[..., 0]
+  pt = np.exp(lt)
+  kl = (pt * (lt - ls)).sum(-1)
+  ht = -(pt * lt).sum(-1)
+  np.testing.assert_allclose(out["nll"], nll[keep].sum(), rtol=1e-5)
+  assert out["tokens"] == keep.sum()
+  assert out["hits"] == (ls.argmax(-1) == y)[keep].sum()
+  np.testing.assert_allclose(out["kl"], kl[keep].sum(), rtol=1e-4, atol=1e-6)
+  bucket = np.clip(np.floor(ht / np.log(V) * 4), 0, 3).astype(int)
+  counts = np.bincount(bucket[keep], minlength=4)
+  np.testing.assert_array_equal(out["bucket_tokens"], counts)
+  np.testing.assert_allclose(out["bucket_nll"], np.bincount(bucket[keep], nll[keep], 4),
+                             rtol=1e-5)
+  # ER-KD's weight is the teacher entropy (τ′ = τ = 1): each bin's sum is its Σ H_t.
+  np.testing.assert_allclose(out["bucket_weight"], np.bincount(bucket[keep], ht[keep], 4),
+                             rtol=1e-4)
+  alone = jax.jit(functools.partial(lm_step.eval_sums, model=STUDENT))(student.params, batch)
+  assert set(alone) == {"nll", "hits", "tokens"}
+  np.testing.assert_allclose(alone["nll"], out["nll"], rtol=1e-6)
+
+
+def test_bad_settings():
+  with pytest.raises(ValueError, match="method must be one of"):
+    lm_step.DistillConfig(method="dkd")
+  with pytest.raises(ValueError, match="warmup_steps"):
+    lm_step.make_optimizer(1e-3, warmup_steps=10, total_steps=10)
