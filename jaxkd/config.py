@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -19,10 +20,9 @@ from ml_collections import config_dict
 
 from jaxkd import objectives
 from jaxkd import optim
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message says how to fix it."""
+# The presets that config files apply, and the error every check raises.
+from jaxkd.presets import (REFERENCE_CIFAR_ENTROPY_UPPER_BOUND, ConfigError, apply_method,
+                           apply_smoke, parse_arg, teacher_commands)
 
 
 MODES = ("teacher", "distill", "self_distill")
@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_seeds = 1                             # > 1: seeds seed..seed+S-1 trained in one step
   c.seeds_per_vmap = 0                        # seeds vectorised together; 0: all on GPU/TPU, 1 on CPU
   c.dtype = "float32"                         # compute dtype of teacher and student
+  # A sweep: these members (method names, or names of sweep_members) train together, every
+  # member × seed its own student, from one teacher forward per batch (docs/DESIGN.md#sweeps).
+  c.sweep = ()
+  c.sweep_members = ml_collections.ConfigDict()  # name -> {"method": M, "loss": {overrides}}
 
   c.optimizer = ml_collections.ConfigDict(dataclasses.asdict(optim.OptimizerConfig()))
 
@@ -80,107 +84,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.progress_bar = True
   return c
-
-
-# EA-KD's H_ub in the reference code's CIFAR KD and DKD losses: the literal 100, not ln C
-# (docs/METHODS.md#reference-code-and-paper).
-REFERENCE_CIFAR_ENTROPY_UPPER_BOUND = 100.0
-
-
-def apply_method(c: ml_collections.ConfigDict, method: str, *, imagenet: bool = False,
-                 dkd_beta: float | None = None,
-                 entropy_upper_bound: float | None = None) -> ml_collections.ConfigDict:
-  """Sets the loss of a named method with its published defaults (docs/METHODS.md#recipes).
-
-  kd: w_CE 0.1, w_KD 0.9, τ 4 (ImageNet: 0.5/0.5, τ 1); erkd: kd × teacher entropy at τ′ 4;
-  eakd: kd × ½H_t(1 + H_s/H_ub) at t 3 (ImageNet KD: t 2; EA-DKD: t 3 everywhere, as the
-  reference code runs it); ipwd: kd × inverse propensity with the auxiliary head; dkd /
-  erdkd / eadkd: w_CE 1, α 1, β per pair, τ 4, warm-up 20 (ImageNet τ 1, warm-up 1);
-  ce: the vanilla student. `entropy_upper_bound`: EA-KD's H_ub (None: ln C).
-
-  Only `c.method` and `c.loss` change: the mode stays the caller's choice.
-  """
-  if method not in objectives.METHODS:
-    raise ConfigError(f"unknown method {method!r}; known: {', '.join(objectives.METHODS)}.")
-  base, weighting = objectives.METHODS[method]
-  c.method = method
-  c.loss.base, c.loss.weighting = base, weighting
-  if base == "ce":
-    c.loss.ce_weight, c.loss.kd_weight = 1.0, 0.0
-  elif base == "kd":
-    c.loss.ce_weight, c.loss.kd_weight = (0.5, 0.5) if imagenet else (0.1, 0.9)
-    c.loss.temperature = 1.0 if imagenet else 4.0
-  else:
-    c.loss.ce_weight, c.loss.kd_weight = 1.0, 1.0
-    c.loss.temperature = 1.0 if imagenet else 4.0
-    c.loss.dkd_warmup_epochs = 1.0 if imagenet else 20.0
-    if dkd_beta is not None:
-      c.loss.dkd_beta = dkd_beta
-  c.loss.adaptive_temperature = 2.0 if imagenet and base == "kd" else 3.0
-  if weighting == "adaptive_entropy":
-    c.loss.entropy_upper_bound = entropy_upper_bound
-  return c
-
-
-def apply_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 16, eval_batch_size: int = 64,
-                max_steps: int = 3, checkpoint_every_steps: int = 2) -> ml_collections.ConfigDict:
-  """The `smoke` preset shared by the configs: a few steps at a small batch, for tests."""
-  c.batch_size, c.eval_batch_size, c.max_steps = batch_size, eval_batch_size, max_steps
-  c.log_every_steps = 1
-  c.checkpoint.every_steps = checkpoint_every_steps
-  c.progress_bar = False
-  return c
-
-
-def _parse_bool(value: str) -> bool:
-  if value.lower() in ("1", "true", "yes"):
-    return True
-  if value.lower() in ("0", "false", "no"):
-    return False
-  raise ValueError(f"not a boolean: {value!r}")
-
-
-def parse_arg(arg: str | None, **types: type) -> tuple[list[str], dict[str, Any]]:
-  """'a-b,method=kd,lt=100,smoke' -> (['a-b', 'smoke'], {'method': 'kd', 'lt': 100.0}).
-
-  A config's presets, as big_vision's: positional words and typed `key=value` options.
-  `types` names every option the config accepts with its type (str, int, float, bool); an
-  unknown option or a value of the wrong type raises ConfigError listing what is accepted.
-  """
-  positional, named = [], {}
-  for part in (arg or "").split(","):
-    part = part.strip()
-    if not part:
-      continue
-    if "=" not in part:
-      positional.append(part)
-      continue
-    key, value = (s.strip() for s in part.split("=", 1))
-    if key not in types:
-      raise ConfigError(f"unknown config option {key!r} in {arg!r}; this config takes "
-                        f"{', '.join(sorted(types)) or 'no options'}.")
-    kind = types[key]
-    try:
-      named[key] = _parse_bool(value) if kind is bool else kind(value)
-    except ValueError:
-      kind_name = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "a string")
-      raise ConfigError(f"config option {key}={value!r} must be {kind_name}.") from None
-  return positional, named
-
-
-def teacher_commands(c: ml_collections.ConfigDict) -> str:
-  """How to obtain the teacher checkpoint of config `c`: commands for its dataset."""
-  if c.dataset.name == "fashion_mnist":
-    return ("train the quickstart's teacher with\n  python -m jaxkd.main --config "
-            "configs/quickstart.py --config.suite=\"('teacher',)\" --workdir runs/quickstart\n"
-            "(then use --config.teacher.checkpoint=runs/quickstart/teacher/model)")
-  path = c.teacher.checkpoint or "DIR"
-  model = c.teacher.model
-  family = "imagenet" if c.dataset.name == "imagenet2012" else "cifar100"
-  return (f"train it with\n  python -m jaxkd.main --config configs/{family}.py:{model} "
-          f"--workdir runs/teachers/{model}\n(then use --config.teacher.checkpoint="
-          f"runs/teachers/{model}/model), or convert a PyTorch teacher with\n"
-          f"  python -m jaxkd.convert --model {model} --torch ckpt_epoch_240.pth --out {path}")
 
 
 def _objective(c: ml_collections.ConfigDict) -> objectives.Objective:
@@ -233,7 +136,9 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
       raise ConfigError(f"config.{field}={name} takes {spec.input_shape[-1]}-channel images but "
                         f"{ds.name} has {ds.image_shape[-1]}; pick a {spec.dataset_family} "
                         f"dataset or another model.")
-  if c.mode != "teacher" and objectives.METHODS[c.method] != (c.loss.base, c.loss.weighting):
+  if sweep_names(c):
+    _validate_sweep(c)
+  elif c.mode != "teacher" and objectives.METHODS[c.method] != (c.loss.base, c.loss.weighting):
     # A method only names a loss: set alone (--config.method=erkd) it would change the label
     # of the run and not what it trains.
     base, weighting = objectives.METHODS[c.method]
@@ -246,13 +151,14 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
         f"config.method alone would only relabel the run. Choose the method where the config "
         f"file takes it (e.g. configs/cifar100.py:resnet32x4-resnet8x4,method={c.method}), or "
         f"also set --config.loss.base={base} --config.loss.weighting={weighting}.")
-  if c.mode == "distill" and c.loss.base == "ce":
-    raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
-                      "mode 'teacher' for plain CE training.")
-  try:
-    _objective(c)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  if not sweep_names(c):
+    if c.mode == "distill" and c.loss.base == "ce":
+      raise ConfigError("mode 'distill' needs a distillation loss (loss.base kd or dkd); use "
+                        "mode 'teacher' for plain CE training.")
+    try:
+      _objective(c)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if c.dtype not in DTYPES:
     raise ConfigError(f"config.dtype must be one of {DTYPES}, got {c.dtype!r}.")
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
@@ -303,6 +209,68 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int | None = None,
           f"exist; " + teacher_commands(c))
 
 
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Folders of a sweep's workdir that a member's folder must not shadow.
+_RESERVED_NAMES = ("checkpoints", "report", "tb")
+
+
+def sweep_names(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The member names of a sweep config, () for a single run."""
+  names = c.get("sweep", ()) or ()
+  return (names,) if isinstance(names, str) else tuple(names)
+
+
+def member_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The single-run config of sweep member `name`: its method's preset (`apply_method`),
+  then `sweep_members[name].loss`; the vanilla student ("ce") trains on the labels."""
+  over = dict(c.get("sweep_members", {}) or {}).get(name) or {}
+  unknown = sorted(set(over) - {"method", "loss"})
+  if unknown:
+    raise ConfigError(f"config.sweep_members.{name} takes 'method' and 'loss', not {unknown}.")
+  method = over.get("method", name)
+  if method not in objectives.METHODS:
+    raise ConfigError(f"sweep member {name!r}: unknown method {method!r}; name a method "
+                      f"({', '.join(objectives.METHODS)}) or set config.sweep_members.{name}"
+                      f".method.")
+  m = ml_collections.ConfigDict(c.to_dict())
+  m.sweep, m.sweep_members = (), ml_collections.ConfigDict()
+  apply_method(m, method)
+  try:
+    m.loss.update(dict(over.get("loss", {}) or {}))
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ConfigError(f"config.sweep_members.{name}.loss: {e}") from None
+  m.mode = "teacher" if method == "ce" else c.mode
+  return m
+
+
+def _validate_sweep(c: ml_collections.ConfigDict) -> None:
+  names = sweep_names(c)
+  if c.mode not in ("distill", "teacher"):
+    raise ConfigError(f"a sweep trains students from a teacher (mode 'distill') or on labels "
+                      f"(mode 'teacher'), not mode {c.mode!r}; run self-distillation singly.")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"config.sweep names a member twice: {list(names)}.")
+  for name in names:
+    if not isinstance(name, str) or not _MEMBER_NAME.match(name) or name in _RESERVED_NAMES \
+        or name.startswith("model"):
+      raise ConfigError(f"sweep member name {name!r} is also its folder in the workdir: use "
+                        f"letters, digits, '_', '-', '.' (not {', '.join(_RESERVED_NAMES)} or "
+                        f"model*).")
+  extra = sorted(set(dict(c.get("sweep_members", {}) or {})) - set(names))
+  if extra:
+    raise ConfigError(f"config.sweep_members has {extra}, which config.sweep does not name "
+                      f"({list(names)}); add them to the sweep or remove them.")
+  for name in names:
+    m = member_config(c, name)
+    if m.mode == "teacher" and c.mode == "teacher" and m.method != "ce":
+      raise ConfigError(f"sweep member {name!r} ({m.method}) distils: set config.mode to "
+                        f"'distill' and name the teacher.")
+    try:
+      _objective(m)
+    except ValueError as e:
+      raise ConfigError(f"sweep member {name!r}: {e}") from None
+
+
 def allow_changes(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The config fields a resume may change, from `checkpoint.allow_changes` ("a,b.c")."""
   text = c.checkpoint.get("allow_changes", "") or ""
@@ -334,6 +302,14 @@ class DataSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Member:
+  """One objective of a run: a single run has one, a sweep one per `config.sweep` name."""
+  name: str
+  method: str
+  objective: objectives.Objective
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
   """Everything a run is, resolved once from a validated config.
 
@@ -362,6 +338,16 @@ class RunSpec:
   log_every_steps: int
   eval_every_epochs: int
   progress_bar: bool
+  sweep: tuple[Member, ...] = ()  # () for a single run
+
+  @property
+  def members(self) -> tuple[Member, ...]:
+    """The objectives trained together: the sweep's, or the run's own."""
+    return self.sweep or (Member(self.method, self.method, self.objective),)
+
+  @property
+  def needs_teacher(self) -> bool:
+    return any(m.objective.targets == "teacher" for m in self.members)
 
 
 def resolve(c: ml_collections.ConfigDict) -> RunSpec:
@@ -371,11 +357,13 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
   ds = c.dataset
   ds_spec = jdata.spec(ds.name, **dict(ds.get("spec_overrides", {})))
   distill = c.mode == "distill"
+  sweep = tuple(Member(n, member_config(c, n).method, _objective(member_config(c, n)))
+                for n in sweep_names(c))
   return RunSpec(
-      mode=c.mode, method=c.get("method", "kd"), model=c.model,
+      mode=c.mode, method="sweep" if sweep else c.get("method", "kd"), model=c.model,
       teacher_model=(c.teacher.model or None) if distill else None,
       teacher_checkpoint=os.path.abspath(c.teacher.checkpoint) if distill else None,
-      objective=_objective(c), optimizer=_optimizer(c),
+      objective=sweep[0].objective if sweep else _objective(c), optimizer=_optimizer(c),
       data=DataSpec(
           name=ds.name, data_dir=ds.data_dir,
           device_resident=ds.input == "device" or (ds.input == "auto" and ds_spec.fits_on_device),
@@ -390,4 +378,5 @@ def resolve(c: ml_collections.ConfigDict) -> RunSpec:
       checkpoint_keep=int(c.checkpoint.keep),
       restore_step=int(c.checkpoint.get("restore_step", 0)), allow_changes=allow_changes(c),
       log_every_steps=max(1, int(c.log_every_steps)),
-      eval_every_epochs=int(c.eval_every_epochs), progress_bar=bool(c.progress_bar))
+      eval_every_epochs=int(c.eval_every_epochs), progress_bar=bool(c.progress_bar),
+      sweep=sweep)

@@ -44,6 +44,8 @@ from jaxkd import diagnostics as dg
 
 __all__ = ["ReportError", "find_runs", "load_run", "mean_std"]
 
+# The summary.json of a sweep (`jaxkd/train/compare.py`): its members' folders are the runs.
+SWEEP_FORMAT = "jaxkd-sweep-1"
 _NOT_RUNS = ("checkpoints", "tb", "damaged_checkpoints", "superseded_checkpoints")
 
 
@@ -63,9 +65,18 @@ def _maybe_json(path: str) -> Any:
   return _read_json(path) if os.path.isfile(path) else None
 
 
+def _sweep_members(summary: Any) -> list[str] | None:
+  """A sweep's member names in order, if `summary` is a sweep's summary.json."""
+  if isinstance(summary, dict) and summary.get("format") == SWEEP_FORMAT:
+    return [m.get("name") for m in summary.get("members", []) if isinstance(m, dict)]
+  return None
+
+
 def _is_run(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "metrics.jsonl")) or isinstance(
-      _maybe_json(os.path.join(path, "summary.json")), dict)
+  summary = _maybe_json(os.path.join(path, "summary.json"))
+  if _sweep_members(summary) is not None:
+    return False  # its members' folders are the runs
+  return os.path.isfile(os.path.join(path, "metrics.jsonl")) or isinstance(summary, dict)
 
 
 def find_runs(paths: list[str], depth: int = 3) -> list[str]:
@@ -83,8 +94,10 @@ def find_runs(paths: list[str], depth: int = 3) -> list[str]:
     names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))
                    and n not in _NOT_RUNS and not n.startswith("model"))
     suite = _maybe_json(os.path.join(path, "summary.json"))
+    order = _sweep_members(suite)
     if isinstance(suite, list):  # a suite's rows name its runs in order
       order = [r.get("run") for r in suite if isinstance(r, dict)]
+    if order:
       names = [n for n in order if n in names] + [n for n in names if n not in order]
     for n in names:
       visit(os.path.join(path, n), left - 1)

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from jaxkd import config as jconfig
+from jaxkd.train import compare
 
 
 def _update(base: dict, overrides: dict) -> dict:
@@ -71,7 +72,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   jworkdir.prepare(workdir)  # a file or a read-only folder: one error line, not a traceback
   rows = []
   for name, run_config in expand(config, workdir):
-    print(f"== {name}: {run_config.mode} {run_config.model} ({run_config.method})", flush=True)
+    what = (f"a sweep of {', '.join(jconfig.sweep_names(run_config))}"
+            if jconfig.sweep_names(run_config) else run_config.method)
+    print(f"== {name}: {run_config.mode} {run_config.model} ({what})", flush=True)
     start = time.perf_counter()
     try:
       summary = train.train_and_evaluate(run_config, os.path.join(workdir, name))
@@ -79,11 +82,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       # Which run of the suite could not start: the others before it are done and kept.
       e.args = (f"suite run {name!r}: {e}",) + e.args[1:]
       raise
+    seconds = time.perf_counter() - start
+    if summary.get("format") == compare.SUMMARY_FORMAT:  # a sweep: a row per member
+      for i, m in enumerate(summary["members"]):
+        rows.append({"run": m["name"], "path": f"{name}/{m['name']}", "mode": run_config.mode,
+                     "model": run_config.model, "method": m["method"],
+                     "best_top1": m["best_top1"], "last_top1": m["last_top1"],
+                     "seconds": seconds if i == 0 else None, "sweep": name,
+                     "sweep_size": len(summary["members"]),
+                     "images_per_sec": summary.get("images_per_sec")})
+      continue
     rows.append({"run": name, "mode": run_config.mode, "model": run_config.model,
                  "method": run_config.method, "best_top1": summary["best_top1"],
-                 "last_top1": summary["last_top1"], "best_epoch": summary["best_epoch"],
-                 "seconds": time.perf_counter() - start,
-                 "images_per_sec": summary.get("images_per_sec")})
+                 "last_top1": summary["last_top1"], "best_epoch": summary.get("best_epoch"),
+                 "seconds": seconds, "images_per_sec": summary.get("images_per_sec")})
   table = format_table(rows, jax.devices()[0].device_kind)
   print("\n" + table, flush=True)
   if jax.process_index() == 0:
@@ -97,11 +109,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   return rows
 
 
+def _top1(value) -> str:
+  """A top-1: a number, or {"mean", "std", "n"} over seeds."""
+  if value is None:
+    return "-"
+  if isinstance(value, dict):
+    return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value.get("n", 1) > 1 else "")
+  return f"{value:.2f}"
+
+
+def _time(r: dict[str, Any]) -> str:
+  if r.get("sweep") is None:
+    return f"{r['seconds']:.0f} s"
+  if r["seconds"] is None:
+    return "(same program)"
+  return f"{r['seconds']:.0f} s for the {r['sweep_size']} students of {r['sweep']}"
+
+
 def format_table(rows: list[dict[str, Any]], device: str) -> str:
   lines = [f"Test top-1 per run ({device}; wall-clock includes compilation and evaluation)", "",
            "| run | model | method | best top-1 | last top-1 | time |",
            "|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['run']} | {r['model']} | {r['method']} | {r['best_top1']:.2f} | "
-                 f"{r['last_top1']:.2f} | {r['seconds']:.0f} s |")
+    lines.append(f"| {r['run']} | {r['model']} | {r['method']} | {_top1(r['best_top1'])} | "
+                 f"{_top1(r['last_top1'])} | {_time(r)} |")
   return "\n".join(lines)

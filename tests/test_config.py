@@ -301,12 +301,12 @@ def _walk_strings(tree):
 
 
 def test_quickstart_suite_expansion(tmp_path):
-  """A teacher, then one student per method, each naming the teacher by {workdir}."""
+  """A teacher, then one sweep of a student per method, naming the teacher by {workdir}."""
   c = get("quickstart")
   before = c.to_dict()
   runs = suite.expand(c, str(tmp_path / "w"))
   workdir = os.path.abspath(tmp_path / "w")
-  assert [n for n, _ in runs] == ["teacher", "ce", "kd", "erkd", "eakd", "ipwd", "dkd"]
+  assert [n for n, _ in runs] == ["teacher", "students"]
   assert c.to_dict() == before   # expansion copies
   for name, run in runs:
     assert "suite" not in run and "runs" not in run
@@ -316,15 +316,24 @@ def test_quickstart_suite_expansion(tmp_path):
   runs = dict(runs)
   assert (runs["teacher"].mode, runs["teacher"].model, runs["teacher"].num_epochs) == (
       "teacher", "quick_teacher", 2)
-  assert (runs["ce"].mode, runs["ce"].method) == ("teacher", "ce")
+  students = runs["students"]
+  assert jconfig.sweep_names(students) == ("ce", "kd", "erkd", "eakd", "ipwd", "dkd")
+  jconfig.validate(students, teacher_from_suite=True)
+  spec = jconfig.resolve(students)
+  members = {m.name: m for m in spec.members}
+  assert (members["ce"].method, members["ce"].objective.targets) == ("ce", "labels")
   for method in ("kd", "erkd", "eakd", "ipwd", "dkd"):
-    run = runs[method]
-    assert (run.mode, run.method, run.model, run.num_epochs) == (
-        "distill", method, "quick_student", 1)
-    assert (run.loss.base, run.loss.weighting) == objectives.METHODS[method]
-  assert runs["eakd"].loss.entropy_upper_bound is None
-  assert runs["dkd"].loss.dkd_warmup_per_step and runs["dkd"].loss.dkd_warmup_epochs == 1.0
-  assert runs["kd"].optimizer.nesterov and runs["kd"].optimizer.schedule == "cosine"
+    m = members[method]
+    assert (m.method, m.objective.targets) == (method, "teacher")
+    assert (m.objective.loss.base, m.objective.loss.weighting) == objectives.METHODS[method]
+  assert (spec.mode, spec.model, spec.num_epochs, spec.seeds) == (
+      "distill", "quick_student", 1, (0,))
+  assert members["eakd"].objective.loss.entropy_upper_bound is None
+  dkd = members["dkd"].objective.loss
+  assert dkd.dkd_warmup_per_step and dkd.dkd_warmup_epochs == 1.0
+  assert spec.optimizer.nesterov and spec.optimizer.schedule == "cosine"
+  assert jconfig.resolve(dict(suite.expand(get("quickstart", "seeds=3"), "w"))[
+      "students"]).seeds == (0, 1, 2)
 
 
 def test_suite_substitutes_workdir_in_nested_overrides(tmp_path):
@@ -357,14 +366,14 @@ def test_suite_validate_accepts_a_teacher_from_an_earlier_run():
 
 def test_suite_validate_needs_the_teacher_run_first():
   c = get("quickstart", "smoke")
-  c.suite = ("kd", "teacher")
+  c.suite = ("students", "teacher")
   with pytest.raises(ConfigError, match="teacher checkpoint .* does not exist"):
     suite.validate(c, device_count=8)
 
 
 def test_suite_naming_a_missing_run_fails(tmp_path):
   c = get("quickstart", "smoke")
-  c.suite = ("teacher", "kd", "missing")
+  c.suite = ("teacher", "students", "missing")
   with pytest.raises(ConfigError, match="suite names run 'missing'"):
     suite.expand(c, str(tmp_path))
   with pytest.raises(ConfigError, match="suite names run 'missing'"):
@@ -373,8 +382,8 @@ def test_suite_naming_a_missing_run_fails(tmp_path):
 
 def test_suite_validate_checks_every_run():
   c = get("quickstart", "smoke")
-  c.runs["ipwd"]["loss"]["temperature"] = 0.0
-  with pytest.raises(ConfigError, match="loss.temperature must be positive"):
+  c.runs["students"]["sweep_members"]["ipwd"] = {"loss": {"temperature": 0.0}}
+  with pytest.raises(ConfigError, match="sweep member 'ipwd': loss.temperature must be positive"):
     suite.validate(c, device_count=8)
   c = get("quickstart", "smoke")
   with pytest.raises(ConfigError, match="not divisible by the 3 devices"):

@@ -345,7 +345,7 @@ def test_a_checkpoint_holding_inf_is_passed_over(base, small_dir, tmp_path, caps
   # Restored without a target: the same tree as plain dicts, saved back the same way.
   state = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   meta = checkpoint.read_run_meta(manager, 6)
-  state["batch_stats"] = jax.tree.map(lambda x: x + jnp.inf, state["batch_stats"])
+  state[0]["batch_stats"] = jax.tree.map(lambda x: x + jnp.inf, state[0]["batch_stats"])
   manager.delete(6)
   checkpoint.save_run(manager, 6, state, meta)
   manager.wait_until_finished()

@@ -61,7 +61,7 @@ def test_modes_and_methods_run(small_dir, teacher_dir, tmp_path, mode, method):
     summary = train_run(c, str(tmp_path))
   # Six steps, one program: nothing in the loop (a Python scalar, a changed sharding or dtype
   # of the state) makes XLA compile the step again.
-  assert compiled == ["jit(seeds_train_step)"], compiled
+  assert compiled == ["jit(sweep_train_step)"], compiled
   assert summary["steps"] == 6 and summary["last"]["count"] == 500
   losses = read_metrics(str(tmp_path))
   assert len(losses) == 6 and all(np.isfinite(v) for _, v in losses)
@@ -338,6 +338,15 @@ def test_quickstart_smoke_end_to_end(fmnist_dir, tmp_path):
   rows = json.load(open(tmp_path / "summary.json"))
   assert [r["run"] for r in rows] == ["teacher", "ce", "kd", "erkd", "eakd", "ipwd", "dkd"]
   assert "| teacher | quick_teacher | ce |" in result.stdout
-  assert all(0 <= r["best_top1"] <= 100 for r in rows), rows
+  top1 = [r["best_top1"] if r["run"] == "teacher" else r["best_top1"]["mean"] for r in rows]
+  assert all(0 <= t <= 100 for t in top1), rows
+  # The students trained as one sweep: each member a run folder of its own.
+  sweep = json.load(open(tmp_path / "students" / "summary.json"))
+  assert [m["name"] for m in sweep["members"]] == ["ce", "kd", "erkd", "eakd", "ipwd", "dkd"]
+  assert set(sweep["paired"]) == {"kd", "ce"}
+  for name in ("ce", "ipwd"):
+    member = json.load(open(tmp_path / "students" / name / "summary.json"))
+    assert member["method"] == name and member["steps"] == 6
+    assert os.path.isdir(tmp_path / "students" / name / "model")
   teacher = json.load(open(tmp_path / "teacher" / "eval_last.json"))
   assert teacher["count"] == 10_000 and len(teacher["per_class_recall"]) == 10

@@ -17,6 +17,7 @@ _WHERE = {
     "default_seeds_per_vmap": "step", "eval_step": "step", "init_train_state": "step",
     "make_step_config": "step", "map_seeds": "step", "model_variables": "step",
     "seeds_eval_step": "step", "seeds_train_step": "step", "StepConfig": "step",
+    "sweep_train_step": "step", "train_step_on": "step", "teacher_logits": "step",
     "train_step": "step", "TrainState": "step",
 }
 

@@ -74,8 +74,9 @@ def class_mass_step(model, temperatures: tuple[float, ...], variables: Any,
 class Diagnostics:
   """A run's diagnostics: teacher class mass, calibration, sample weights (per seed)."""
 
-  def __init__(self, exp, saved: dict[str, Any] | None = None):
+  def __init__(self, exp, saved: dict[str, Any] | None = None, step_config=None):
     self.exp = exp
+    self.step_config = step_config or exp.step_config  # a sweep's: this member's
     self.num_seeds, self.num_classes = exp.num_seeds, exp.num_classes
     saved = saved or {}
     self.teacher_mass = saved.get("teacher_class_mass")
@@ -113,9 +114,12 @@ class Diagnostics:
     return [dg.class_mass_record(m, temps, loader.num_examples,
                                  split=self.exp.ds_spec.train_split) for m in total]
 
-  def start(self, teacher_variables) -> None:
-    """The frozen teacher's class mass (distill runs), unless the checkpoint has it."""
-    teacher = self.exp.step_config.teacher
+  def start(self, teacher_variables, known: dict[str, Any] | None = None) -> None:
+    """The frozen teacher's class mass (distill runs), unless the checkpoint has it or it is
+    `known` (another member of the sweep computed it)."""
+    teacher = self.step_config.teacher
+    if teacher is not None and self.teacher_mass is None:
+      self.teacher_mass = known
     if teacher is not None and self.teacher_mass is None:
       variables = jax.tree.map(lambda x: x[None], teacher_variables)
       self.teacher_mass = self._mass(teacher, variables)[0]
@@ -145,8 +149,8 @@ class Diagnostics:
   def finish(self, variables, workdir: str, step: int) -> None:
     """At the run's end: the model's own class mass (teacher and self_distill runs), then
     `write`."""
-    if self.exp.step_config.teacher is None:
-      self.self_mass = self._mass(self.exp.step_config.model, variables,
+    if self.step_config.teacher is None:
+      self.self_mass = self._mass(self.step_config.model, variables,
                                   self.exp.seeds_per_vmap)
     self.write(workdir, step, -(-step // self.exp.steps_per_epoch))
 

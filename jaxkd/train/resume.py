@@ -163,3 +163,17 @@ def precheck(directory: str, *, fmt: str, fingerprint: dict[str, Any], allowed: 
     if meta.get("format") == fmt and meta.get("fingerprint") is not None:
       jworkdir.check_changes(meta["fingerprint"], fingerprint, allowed, where, quiet=True)
     return
+
+
+def after_divergence(manager) -> str:
+  """Where a diverged run can resume from, and how: its newest checkpoint (and older ones)."""
+  steps = sorted(manager.all_steps())
+  if not steps:
+    return "no checkpoint had been written yet"
+  # The step's guard checks every floating value of the state (parameters, BatchNorm
+  # statistics, optimizer state) before it is kept, and no step is saved after it fired.
+  return (f"the newest checkpoint, {manager.directory}/{steps[-1]}, holds only finite values; "
+          f"rerun with the same --workdir to resume from it after fixing the cause (e.g. a "
+          f"lower learning rate, with --config.checkpoint.allow_changes=optimizer.lr)"
+          + (f", or from an older step with --config.checkpoint.restore_step=N (saved: "
+             f"{', '.join(map(str, steps))})" if len(steps) > 1 else ""))

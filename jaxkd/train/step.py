@@ -7,8 +7,10 @@
     state, metrics = jax.jit(functools.partial(train_step, cfg))(state, batch, teacher_vars)
 
 Nothing here reads data, files or configs, so benchmarks and tests build a step from this
-module alone. Several students (seeds) train in one program through `seeds_train_step`, over
-a state and batch with a leading seed axis S; the trainer always uses it, S = 1 included.
+module alone. Several students train in one program: `seeds_train_step` maps one objective
+over S seeds (state and batch with a leading seed axis), and `sweep_train_step` runs M
+objectives × S seeds from one teacher forward per seed's batch; the trainer always uses the
+latter, M = S = 1 included.
 How data flows through a step: docs/DESIGN.md#a-training-step.
 """
 
@@ -29,7 +31,8 @@ from jaxkd import objectives
 from jaxkd import optim
 
 __all__ = ["TrainState", "StepConfig", "make_step_config", "init_train_state", "train_step",
-           "eval_step", "map_seeds", "seeds_train_step", "seeds_eval_step",
+           "eval_step", "map_seeds", "seeds_train_step", "seeds_eval_step", "sweep_train_step",
+           "teacher_logits", "train_step_on",
            "default_seeds_per_vmap", "model_variables", "DTYPES"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -106,13 +109,18 @@ def init_train_state(cfg: StepConfig, key: jax.Array, image_shape, feature_dim: 
                     nonfinite_step=jnp.full((), -1, jnp.int32), predictions=predictions)
 
 
-def _soft_targets(cfg: StepConfig, state: TrainState, batch, teacher_variables):
-  """The teacher's logits, the previous-epoch predictions, or None (supervised)."""
+def teacher_logits(teacher: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
+  """The frozen teacher's logits [B, C] on `images` [B, H, W, C] (inference mode, no gradient)."""
+  with jax.named_scope("teacher"):
+    return jax.lax.stop_gradient(teacher.apply(teacher_variables, images, train=False))
+
+
+def _soft_targets(cfg: StepConfig, state: TrainState, batch, teacher_out):
+  """The teacher's logits (`teacher_out`), the previous-epoch predictions, or None
+  (supervised)."""
   targets = cfg.objective.targets
   if targets == "teacher":
-    with jax.named_scope("teacher"):
-      return jax.lax.stop_gradient(
-          cfg.teacher.apply(teacher_variables, batch["image"], train=False))
+    return teacher_out
   if targets == "self":
     previous = state.predictions[batch["index"]]
     unseen = jnp.sum(previous, axis=-1, keepdims=True) <= 0
@@ -135,9 +143,19 @@ def train_step(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Array],
     "weights" float32 [B] (the per-example sample weights) and "weight_labels" int32 [B],
     which the trainer's diagnostics collect instead of averaging.
   """
+  out = None
+  if cfg.objective.targets == "teacher":
+    out = teacher_logits(cfg.teacher, teacher_variables, batch["image"])
+  return train_step_on(cfg, state, batch, out)
+
+
+def train_step_on(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Array],
+                  teacher_out: jax.Array | None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` given the teacher's logits [B, C] (`teacher_logits`; None unless the
+  objective distils from a teacher), so that several students share one teacher forward."""
   labels = batch["label"]
   # The named scopes label every op of the step in profiles (benchmarks/bench_profile_step.py).
-  soft_targets = _soft_targets(cfg, state, batch, teacher_variables)
+  soft_targets = _soft_targets(cfg, state, batch, teacher_out)
 
   def loss_fn(params):
     with jax.named_scope("student"):
@@ -190,6 +208,9 @@ def _keep_if_finite(finite: jax.Array, state: TrainState, **new: Any) -> TrainSt
   statistics, optimizer state), because the loss can be finite on the step whose update
   overflows them.
   """
+  # A student that diverged earlier stays frozen at its last finite state: in a run of several
+  # students, the others go on (the loop reports it).
+  finite = finite & (state.nonfinite_step < 0)
   keep = lambda n, o: jnp.where(finite, n, o)
   kept = {k: jax.tree.map(keep, v, getattr(state, k)) for k, v in new.items()}
   return state.replace(
@@ -266,6 +287,30 @@ def seeds_train_step(cfg: StepConfig, state: TrainState, batch: dict[str, jax.Ar
   (each seed its own initialisation and data order); the teacher is shared. See `map_seeds`."""
   step = lambda args: train_step(cfg, *args, teacher_variables)
   return map_seeds(step, (state, batch), seeds_per_vmap)
+
+
+def sweep_train_step(cfgs: tuple[StepConfig, ...], states: tuple[TrainState, ...],
+                     batch: dict[str, jax.Array], teacher_variables: Any,
+                     seeds_per_vmap: int | None = None):
+  """One step of a sweep: M objectives (`cfgs`, one student architecture) × S seeds.
+
+  `states[m]` is member m's state with a leading seed axis S; `batch` is `[S, B, ...]`, one
+  data order per seed, shared by every objective (so that method differences within a seed
+  are paired). The teacher runs once per seed's batch and its logits feed every member that
+  distils, instead of once per member. Returns (new states, metrics) as M-tuples of
+  `[S, ...]` pytrees. A single run is the sweep of one member.
+  """
+  teacher = next((c.teacher for c in cfgs if c.teacher is not None), None)
+  logits = None
+  if teacher is not None:
+    logits = map_seeds(lambda b: teacher_logits(teacher, teacher_variables, b["image"]),
+                       batch, seeds_per_vmap)
+  out = []
+  for cfg, state in zip(cfgs, states):
+    shared = logits if cfg.objective.targets == "teacher" else None
+    out.append(map_seeds(lambda args, cfg=cfg: train_step_on(cfg, *args),
+                         (state, batch, shared), seeds_per_vmap))
+  return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
 
 def seeds_eval_step(model: nn.Module, num_classes: int, variables: Any,
