@@ -15,9 +15,10 @@ The layout (one block, x the residual stream [B, L, H]):
 
 Choices, and why:
 - **Pre-norm with RMSNorm** (Zhang & Sennrich, NeurIPS 2019): n(x) = x / sqrt(mean(x²) + ε)
-  · g, computed in float32. Pre-norm trains without a learning-rate warm-up sensitivity at
-  depth (Xiong et al., ICML 2020); RMSNorm drops LayerNorm's mean and bias, which do not
-  help at this scale, and is the norm of the current open LM families.
+  · g, computed in float32. Pre-norm keeps the residual path an identity, so gradients stay
+  well scaled at depth and training is far less sensitive to the warm-up (Xiong et al.,
+  ICML 2020); RMSNorm drops LayerNorm's mean-centring and bias at no loss in quality (Zhang
+  & Sennrich) and is the norm of the current open LM families.
 - **RoPE** positions (Su et al., "RoFormer", 2021; the rotate-half pairing of GPT-NeoX):
   relative, no position table, so the registry's sizes need no maximum length and a model
   trained on L = 128 runs on any L.
@@ -25,7 +26,7 @@ Choices, and why:
   `jaxkd.lm.distill_loss` takes as it is, with its own initialisation and weight decay,
   independent of the input embedding. `tied=True` uses the embedding's transpose instead
   (Press & Wolf, EACL 2017): for the CPU student at V = 8192 the two [V, H] matrices are
-  three quarters of its parameters, and tying halves that.
+  84% of its parameters, and tying halves that.
 - **No biases** anywhere (as in PaLM / LLaMA); the head has none either (`head()` returns
   None for the bias, which `distill_loss` accepts).
 - **GELU MLP, 4H wide** (GPT-2's); the `gpt2_small` entry has GPT-2 small's shape
