@@ -131,6 +131,16 @@ def test_builder_writes_the_packed_splits(prepared, corpus_dir):
     text_builder.load_rows(path, "test")
 
 
+def test_command_line(prepared, corpus_dir, capsys):
+  path, data_dir = prepared
+  assert text_builder.main([corpus_dir, "--data_dir", data_dir, "--name", "lm_small",
+                            "--vocab_size", "300", "--seq_len", "16", "--heldout_fraction",
+                            "0.2", "--record_separator", "%"]) == 0
+  assert capsys.readouterr().out.startswith(f"{path}: train ")
+  assert text_builder.main([corpus_dir + "/nope", "--data_dir", data_dir]) == 1
+  assert "does not exist" in capsys.readouterr().err
+
+
 def _rows(n=37, width=9, seed=0):
   rows = np.random.default_rng(seed).integers(2, 50, size=(n, width)).astype(np.int32)
   rows[-1, 5:] = text.PAD_ID

@@ -5,6 +5,7 @@
     rows = load_rows(path, "train")           # int32 [R, seq_len + 1] (text.batch_fields)
     tok = text.load_tokenizer(path)           # the BPE tokenizer saved beside the records
     info = dataset_info(path)                 # vocab_size, seq_len, documents, tokens, ...
+    python -m jaxkd.data.text_builder fortunes --data_dir DIR          # the same, by hand
 
 As `builders.py` does for the image datasets, the dataset is a tfds `GeneratorBasedBuilder`
 written as array_record and read back with tfds's data source, with no TensorFlow: here the
@@ -19,7 +20,8 @@ counts of documents, tokens and rows of each split and the SHA-256 of the corpus
 
 The Debian corpus: `fortunes` (the fortune-mod cookie files, /usr/share/games/fortunes): 15k
 short English documents, 2.5 MB, 0.75M tokens at V = 8192, enough for the CPU preset's
-models (docs/LM.md#the-corpus; dict-gcide, 10x larger, is dictionary entries, not prose).
+models (docs/LM.md#the-corpus; dict-gcide, 17 MB installed and compressed, is dictionary
+entries, not prose).
 `ensure_fortunes` installs it with apt-get when it is missing and apt-get can run as root,
 as `builders.ensure_prepared` does for Fashion-MNIST (`JAXKD_NO_APT=1` turns this off).
 """
@@ -252,3 +254,42 @@ def load_rows(path: str, split: str, chunk: int = 4096) -> np.ndarray:
     raise datasets.BadDataError(f"{split} of {path} holds token ids outside "
                                 f"[0, {info['vocab_size']}); prepare it again.")
   return rows
+
+
+def main(argv=None) -> int:
+  """`python -m jaxkd.data.text_builder fortunes|FOLDER [--data_dir DIR] [--vocab_size V]
+  [--seq_len L] [--heldout_fraction F] [--name NAME] [--record_separator SEP]`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m jaxkd.data.text_builder",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("corpus", help="'fortunes' (Debian's package) or a folder of .txt files")
+  parser.add_argument("--data_dir", default=None,
+                      help="tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--vocab_size", type=int, default=8192)
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--heldout_fraction", type=float, default=0.05)
+  parser.add_argument("--name", default=None, help="dataset name of a folder corpus")
+  parser.add_argument("--record_separator", default=None,
+                      help="a line that separates documents within a file (e.g. %%)")
+  args = parser.parse_args(argv)
+  options = dict(vocab_size=args.vocab_size, seq_len=args.seq_len,
+                 heldout_fraction=args.heldout_fraction)
+  try:
+    if args.corpus == "fortunes":
+      path = ensure_fortunes(args.data_dir, **options)
+    else:
+      path = prepare_text(args.corpus, args.data_dir, name=args.name,
+                          record_separator=args.record_separator, **options)
+  except (datasets.DatasetNotFoundError, datasets.BadDataError, FileNotFoundError,
+          ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  info = dataset_info(path)
+  print(f"{path}: " + ", ".join(f"{s} {info[s + '_documents']} documents, "
+                                f"{info[s + '_tokens']} tokens, {info[s + '_rows']} rows"
+                                for s in ("train", "validation")))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
