@@ -25,7 +25,7 @@ def _model(layers, hidden, heads=2):
                                  num_heads=heads)
 
 
-STUDENT, TEACHER = _model(1, 16), _model(2, 32)
+STUDENT, TEACHER = _model(1, 16), _model(1, 32)  # one block each: compiles are the cost
 
 
 def _batch(seed=0):
@@ -45,9 +45,11 @@ METHODS = ("kd", "erkd", "eakd")
 def setup():
   """The optimizer, a fresh student, and a teacher after 6 CE steps (their losses too)."""
   tx, _ = lm_step.make_optimizer(3e-3, warmup_steps=2, total_steps=50, weight_decay=0.01)
-  init = jax.jit(lm_step.init_state, static_argnums=(0, 1))
-  student = init(STUDENT, tx, jax.random.key(1))
-  teacher = init(TEACHER, tx, jax.random.key(2))
+  # One program for both inits (each compile has a fixed cost); rbg keys compile faster.
+  student, teacher = jax.jit(lambda k1, k2: (lm_step.init_state(STUDENT, tx, k1),
+                                             lm_step.init_state(TEACHER, tx, k2)))(
+                                                 jax.random.key(1, impl="rbg"),
+                                                 jax.random.key(2, impl="rbg"))
   t_step = functools.partial(lm_step.teacher_step, model=TEACHER, tx=tx, chunk_size=8)
   teacher, seen = _scan(t_step, teacher, 6, _batch())
   return tx, student, teacher, seen
@@ -59,7 +61,7 @@ def _np_log_softmax(z):
   return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("chunk", [3, 7, 1024])
+@pytest.mark.parametrize("chunk", [7, 1024])  # 7 does not divide the 20 tokens
 def test_chunked_cross_entropy_against_float64(chunk):
   rng = np.random.default_rng(chunk)
   h = rng.normal(size=(B, L, 6)).astype(np.float32)
@@ -146,8 +148,8 @@ def fused_and_dense(setup):
       fused = lambda p, tp: lm_step.distill_loss_fn(p, tp, batch, student=STUDENT,
                                                     teacher=TEACHER, cfg=cfg)
       out[method] = (jax.value_and_grad(fused)(params, teacher_params),
-                     jax.value_and_grad(_dense_reference)(params, teacher_params, batch, cfg),
-                     jax.grad(fused, argnums=1)(params, teacher_params))
+                     jax.value_and_grad(_dense_reference)(params, teacher_params, batch, cfg))
+    out["teacher_grads"] = jax.grad(fused, argnums=1)(params, teacher_params)  # eakd's
     return out
 
   return jax.jit(both)(student.params, teacher.params, _batch(1))
@@ -155,29 +157,34 @@ def fused_and_dense(setup):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_distill_loss_equals_the_dense_reference(fused_and_dense, method):
-  (v1, g1), (v2, g2), _ = fused_and_dense[method]
+  (v1, g1), (v2, g2) = fused_and_dense[method]
   np.testing.assert_allclose(v1, v2, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), g1, g2)
 
 
 def test_teacher_gets_no_gradient(fused_and_dense):
-  for method in METHODS:
-    grads = fused_and_dense[method][2]
-    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads)), method
+  """EA-KD's loss, whose weights read both models' entropies, gives the teacher nothing."""
+  grads = fused_and_dense["teacher_grads"]
+  assert len(jax.tree.leaves(grads)) > 5
+  assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
 
 
 def test_eval_sums_against_float64(setup):
   _, student, teacher, _ = setup
   batch = _batch(2)
   cfg = lm_step.DistillConfig(method="erkd", temperature=1.0)
-  out = jax.jit(functools.partial(lm_step.eval_sums, model=STUDENT, teacher=TEACHER, cfg=cfg,
-                                  num_buckets=4, chunk_size=7))(
-                                      student.params, batch, teacher_params=teacher.params)
+
+  def run(sp, tp, batch):  # one program: both kinds of sums and the references' logits
+    return (lm_step.eval_sums(sp, batch, model=STUDENT, teacher=TEACHER, teacher_params=tp,
+                              cfg=cfg, num_buckets=4, chunk_size=7),
+            lm_step.eval_sums(sp, batch, model=STUDENT),
+            STUDENT.apply({"params": sp}, batch["tokens"], method="logits"),
+            TEACHER.apply({"params": tp}, batch["tokens"], method="logits"))
+
+  out, alone, zs, zt = jax.jit(run)(student.params, teacher.params, batch)
   keep = np.asarray(batch["mask"])
   y = np.asarray(batch["targets"])
-  logits = jax.jit(lambda sp, tp, x: (STUDENT.apply({"params": sp}, x, method="logits"),
-                                       TEACHER.apply({"params": tp}, x, method="logits")))
-  ls, lt = map(_np_log_softmax, logits(student.params, teacher.params, batch["tokens"]))
+  ls, lt = _np_log_softmax(zs), _np_log_softmax(zt)
   nll = -np.take_along_axis(ls, y[..., None], -1)[..., 0]
   pt = np.exp(lt)
   kl = (pt * (lt - ls)).sum(-1)
@@ -194,7 +201,6 @@ def test_eval_sums_against_float64(setup):
   # ER-KD's weight is the teacher entropy (τ′ = τ = 1): each bin's sum is its Σ H_t.
   np.testing.assert_allclose(out["bucket_weight"], np.bincount(bucket[keep], ht[keep], 4),
                              rtol=1e-4)
-  alone = jax.jit(functools.partial(lm_step.eval_sums, model=STUDENT))(student.params, batch)
   assert set(alone) == {"nll", "hits", "tokens"}
   np.testing.assert_allclose(alone["nll"], out["nll"], rtol=1e-6)
 
