@@ -172,8 +172,10 @@ def _prepare(student_hidden, student_kernel, labels, where, student_bias):
 
 def _chunked(spec, flat, kernel, bias, tokens, fills, head, y, valid, kept):
   """The fused pass over `[N, ...]` token arrays; statistics back as `[N]`."""
-  chunked = tuple(_lm_pass.to_chunks(t, spec, f) for t, f in zip(tokens, fills)) + tuple(head)
-  loss, stats = _lm_pass.fused(spec, (_lm_pass.to_chunks(flat, spec), kernel, bias), chunked,
+  # Hidden states stay in token order ([C, n, H], a reshape); the rest goes chunk-major.
+  lay = _lm_pass.to_chunks if spec.sparse else _lm_pass.to_strided
+  chunked = tuple(lay(t, spec, f) for t, f in zip(tokens, fills)) + tuple(head)
+  loss, stats = _lm_pass.fused(spec, (_lm_pass.to_strided(flat, spec), kernel, bias), chunked,
                                _lm_pass.to_chunks(y, spec), _lm_pass.to_chunks(valid, spec, False),
                                kept)
   return loss, {k: _lm_pass.from_chunks(v, spec).reshape(-1) for k, v in stats.items()}

@@ -351,6 +351,42 @@ def test_compiled_memory_far_below_dense():
   assert temp["fused"] < 0.1 * temp["dense"], temp
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_gradient_in_row_blocks(dtype):
+  """Hidden size 16 in chunks of 4 tokens: on a CPU the kernel gradient accumulates in 4
+  blocks of rows, and 16-bit hidden states and kernels move as their bits; the gradients are
+  the dense composition's (float32: to rounding; bf16: to the bf16 gradient casts)."""
+  p = _problem(seed=15)
+  k = jax.random.split(jax.random.PRNGKey(15), 2)
+  p = dict(p, hs=jax.random.normal(k[0], (N, 16)), ws=jax.random.normal(k[1], (16, V)))
+  p = {key: (x.astype(dtype) if x.dtype == jnp.float32 else x) for key, x in p.items()}
+  rounded = {key: (x.astype(jnp.float32) if x.dtype == dtype else x) for key, x in p.items()}
+  kw = dict(temperature=2.0, divergence="forward_kl", weighting="adaptive_entropy",
+            ce_weight=0.5)
+  got = _grads(lambda a, b, c: _fused(p, a, b, c, chunk_size=4, **kw), p)
+  ref = _grads(lambda a, b, c: _dense_loss(rounded, a, b, c, **kw), rounded)
+  if dtype == jnp.float32:
+    _assert_close(got, ref, rtol=2e-5, atol=2e-6)
+    return
+  np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=2e-3)
+  for g, r in zip(got[1], ref[1]):
+    g, r = np.asarray(g, np.float32), np.asarray(r)
+    assert g.dtype == r.dtype and np.linalg.norm(g - r) <= 2e-2 * np.linalg.norm(r)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_kernel_sized_float32_temporary(dtype):
+  """The compiled gradient's temporaries hold the float32 kernel-gradient accumulator and
+  chunk-sized buffers, but no second float32 kernel (XLA:CPU's float32 copy of a bf16 kernel,
+  or a matmul output as large as the kernel). Compiled only, never run."""
+  n, v, h, chunk = 256, 16384, 64, 8
+  spec = [jax.ShapeDtypeStruct(s, dtype) for s in ((n, h), (h, v), (n, h), (h, v))]
+  f = lambda hs, ws, ht, wt: lm.distill_loss(hs, ws, ht, wt, weighting="adaptive_entropy",
+                                             chunk_size=chunk)
+  temp = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*spec).compile().memory_analysis()
+  assert temp.temp_size_in_bytes < 2 * h * v * 4, temp
+
+
 def _loop_bodies_with_all_reduce(hlo_text):
   """Names of while-loop body computations of compiled HLO text that hold an all-reduce."""
   bodies = set(re.findall(r"body=%?([\w.-]+)", hlo_text))
