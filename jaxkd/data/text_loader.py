@@ -104,10 +104,11 @@ class TextLoader(_TextSteps):
   Args:
     rows: int32 [R, L + 1] packed rows (`text_builder.load_rows`).
     global_batch: B rows per step.
-    train: shuffled, endless (or `num_epochs`) batches; else one ordered, padded pass.
+    train: shuffled, endless (or `num_epochs`) batches; else one ordered, padded pass
+      (`restart()` for another).
     seed: the data order's seed.
-    mesh: shard each batch over its data axis (every process passes the whole batch
-      here: a text batch is small); None keeps NumPy.
+    mesh: shard each batch over its data axis (each process makes the whole global batch,
+      which is small, and hands `sharding.shard_batch` its own rows); None keeps NumPy.
     start_step, num_epochs: where to start, and an end for train batches.
     pad_id: the padding id of the rows.
     fingerprint: extra fields a saved state must match (e.g. the dataset path).
