@@ -239,10 +239,20 @@ def _shifted(z: Array, m: jax.Array, temperature: Any) -> jax.Array:
   return (as_float32(z) - m) / temperature
 
 
-def sum_exp(z: Array, m: jax.Array, temperature: Any = 1.0) -> jax.Array:
-  """Z = Σ_c exp((z_c − m)/τ) per row, one sweep; `m` the `[..., 1]` row max (`raw_row_max`)."""
-  z, m, temperature = isolated("sum_exp", z, m, temperature)
-  return fenced(jnp.sum(jnp.exp(_shifted(z, m, temperature)), axis=-1))
+def sum_exp(z: Array, m: jax.Array, temperature: Any = 1.0,
+            ceiling: float | None = None) -> jax.Array:
+  """Z = Σ_c exp((z_c − m)/τ) per row, one sweep; `m` the `[..., 1]` row max (`raw_row_max`).
+
+  With `ceiling`, the exponents are clamped at it: for a shift `m` other than the row max
+  whose exponents are known to stay below the ceiling (a bound that rounding could break),
+  Z stays finite without changing a value.
+  """
+  if ceiling is None:
+    z, m, temperature = isolated("sum_exp", z, m, temperature)
+    return fenced(jnp.sum(jnp.exp(_shifted(z, m, temperature)), axis=-1))
+  z, m, temperature, top = isolated("sum_exp_capped", z, m, temperature,
+                                    jnp.asarray(ceiling, _math_dtype(z)))
+  return fenced(jnp.sum(jnp.exp(jnp.minimum(_shifted(z, m, temperature), top)), axis=-1))
 
 
 def exp_moment(z: Array, m: jax.Array, temperature: Any = 1.0) -> jax.Array:

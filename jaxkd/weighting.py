@@ -167,8 +167,8 @@ def adaptive_entropy_weights(teacher_logits: Array, student_logits: Array, *,
 def _centered_scale(z: jax.Array, eps: float, m: jax.Array | None = None) -> jax.Array:
   """std_c(z) + eps per row (unbiased), `[..., 1]`, from sweeps of Σd and Σd².
 
-  d = z − max z: shifting by the row maximum `m` (already computed for the softmax) keeps the
-  one-pass variance Σd²/(C−1) − (Σd)²/(C(C−1)) well conditioned in float32.
+  d = z − m: shifting by a value of the row (the row maximum, or the label's logit; `[..., 1]`)
+  keeps the one-pass variance Σd²/(C−1) − (Σd)²/(C(C−1)) well conditioned in float32.
   """
   c = z.shape[-1]
   m = _logits.raw_row_max(z) if m is None else m
@@ -192,18 +192,31 @@ def standardize_logits(logits: Array, *, eps: float = 1e-7) -> jax.Array:
   return (z - jnp.mean(z, axis=-1, keepdims=True)) / _centered_scale(logits, eps)
 
 
+# Up to this many classes, z-scores of one row differ by at most sqrt(2(C − 1)) ≤ 64: for the
+# unbiased standard deviation σ of C values, max − min ≤ σ · sqrt(2(C − 1)) (equality with one
+# value at each end and the rest midway), so Σ_c exp of z-score differences stays finite.
+_LABEL_SHIFT_MAX_CLASSES = 2048
+
+
 def _standardized_log_likelihood(logits: jax.Array, labels: jax.Array,
                                  standardize: bool) -> jax.Array:
   """log softmax(std(z))_y per example (or of z itself without standardisation).
 
-  The mean cancels inside a softmax, and the max of the z-scores is that of z mapped by the
-  same increasing affine map, so the shifted z-scores are (z − max z) / (std + eps). The label's
-  logit is gathered from the raw logits and shifted alone (`[...]`, not `[..., C]`).
+  The mean cancels inside a softmax, and so does any shift k: with s = std + eps,
+    log softmax(std(z))_y = (z_y − k)/s − log Σ_c exp((z_c − k)/s).
+  For standardised logits of at most `_LABEL_SHIFT_MAX_CLASSES` classes, k = z_y (the label's
+  own logit, a gather of `[...]` values): every exponent is at most 64, and the variance sums
+  shift by z_y too, so no row maximum is needed, one sweep of the logits fewer. Otherwise k
+  is the row max (the exponents of raw logits, or of many classes, are unbounded).
   """
+  z_y = _logits.as_float32(_logits.take_label(logits, labels))
+  if standardize and logits.shape[-1] <= _LABEL_SHIFT_MAX_CLASSES:
+    k = z_y[..., None]
+    scale = _centered_scale(logits, 1e-7, k)
+    return -jnp.log(_logits.sum_exp(logits, k, scale, ceiling=80.0))
   m = _logits.raw_row_max(logits)
   scale = _centered_scale(logits, 1e-7, m) if standardize else jnp.ones((), m.dtype)
   lse = jnp.log(_logits.sum_exp(logits, m, scale))
-  z_y = _logits.as_float32(_logits.take_label(logits, labels))
   return ((z_y - m[..., 0]) / scale[..., 0] if standardize else z_y - m[..., 0]) - lse
 
 
