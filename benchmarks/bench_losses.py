@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import busy_cores, device_name, device_slug, median_time, RESULTS
+from bench_common import busy_cores, device_name, device_slug, RESULTS
 from jaxkd import losses, weighting
 
 SIZES = {"1024x100": (1024, 100), "1024x1000": (1024, 1000), "8192x1000": (8192, 1000),
@@ -110,6 +110,21 @@ def torch_objectives(torch):
       "DKD": lambda s, te, g, y: dkd(s, te, y),
       "ER-DKD": lambda s, te, g, y: dkd(s, te, y, with_no_grad(entropy)(te, 4.0)),
   }
+
+
+def median_times(fn, repeats, warmup=1):
+  """(wall, CPU) seconds of `fn` (which must synchronise), each the median of `repeats` calls
+  after `warmup`. CPU: the process's user + system time over the call (all its threads),
+  which other jobs on a shared machine move less than the wall-clock."""
+  for _ in range(warmup):
+    fn()
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), statistics.median(cpu)
 
 
 def make_inputs(shape, dtype, seed=0):
@@ -227,20 +242,24 @@ def main(argv=None):
     repeats = args.repeats_large if len(shape) == 3 else args.repeats
     runners = {n: (jax_runner(jobj[n], inputs, dtype),
                    torch_runner(torch, tobj[n], inputs, dtype) if torch else None) for n in names}
-    times = {n: ([], []) for n in names}
+    times = {n: ([], [], []) for n in names}  # jax wall, jax CPU, torch wall
     loads = []
     for _ in range(args.rounds):
       loads.append(dict(load_average=round(os.getloadavg()[0], 2), busy_cores=busy_cores(0.5)))
       for name in names:
         jr, tr = runners[name]
-        times[name][0].append(median_time(jr, repeats, warmup=1))
+        wall, cpu = median_times(jr, repeats)
+        times[name][0].append(wall)
+        times[name][1].append(cpu)
         if tr is not None:
-          times[name][1].append(median_time(tr, repeats, warmup=1))
+          times[name][2].append(median_times(tr, repeats)[0])
     for name in names:
       jt = statistics.median(times[name][0])
-      tt = statistics.median(times[name][1]) if times[name][1] else None
+      tt = statistics.median(times[name][2]) if times[name][2] else None
       row = dict(objective=name, size=size, dtype=dtype, jax_ms=jt * 1e3,
                  jax_ms_rounds=[t * 1e3 for t in times[name][0]],
+                 jax_cpu_ms=statistics.median(times[name][1]) * 1e3,
+                 jax_cpu_ms_rounds=[t * 1e3 for t in times[name][1]],
                  torch_ms=None if tt is None else tt * 1e3,
                  speedup=None if tt is None else tt / jt, load=loads)
       rows.append(row)
@@ -248,11 +267,12 @@ def main(argv=None):
             + ("" if tt is None else f"  torch {tt*1e3:9.3f} ms  x{tt/jt:5.2f}"), flush=True)
     print(f"{size:>13} load before each round: {loads}", flush=True)
   # Ratio to plain KD (and, for the DKD family, to plain DKD) of the same size.
-  base = {(r["size"], r["objective"]): r["jax_ms"] for r in rows}
+  base = {(r["size"], r["objective"]): r for r in rows}
   for r in rows:
     for ref in ("KD", "DKD"):
       if (r["size"], ref) in base:
-        r["ratio_to_" + ref.lower()] = r["jax_ms"] / base[(r["size"], ref)]
+        r["ratio_to_" + ref.lower()] = r["jax_ms"] / base[(r["size"], ref)]["jax_ms"]
+        r["cpu_ratio_to_" + ref.lower()] = r["jax_cpu_ms"] / base[(r["size"], ref)]["jax_cpu_ms"]
   write_results(rows, device, args)
 
 
@@ -275,19 +295,23 @@ def write_results(rows, device, args):
            f"jax {meta['jax']}, torch {meta.get('torch', '-')}; {meta['what']} of {args.repeats} "
            f"runs per round ({args.repeats_large} at 4x1024x32000), median over {args.rounds} interleaved rounds, compile excluded. "
            "speed-up = torch time / jaxkd time; / KD = jaxkd time over plain KD's of the same "
-           "size (/ DKD: over plain DKD's, for the DKD family). Load: the 1-minute load average "
+           "size (/ DKD: over plain DKD's, for the DKD family); CPU: the process's user + "
+           "system time per call (all threads), which other jobs move less than the "
+           "wall-clock. Load: the 1-minute load average "
            "and the cores other jobs kept busy (`busy_cores`) before each round, on a machine "
            f"of {os.cpu_count()} cores."
            + ("" if any(r["torch_ms"] is not None for r in rows)
               else " PyTorch was not run this time (--no-torch)."), "",
-           "| size | dtype | objective | jaxkd ms | / KD | / DKD | torch eager ms | speed-up |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| size | dtype | objective | jaxkd ms | / KD | / DKD | CPU ms | CPU / KD | "
+           "torch eager ms | speed-up |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     fmt = lambda v: "-" if v is None else f"{v:.2f}x"
     lines.append(
         f"| {r['size']} | {r['dtype']} | {r['objective']} | {r['jax_ms']:.3f} | "
         f"{fmt(r.get('ratio_to_kd'))} | "
         f"{fmt(r.get('ratio_to_dkd') if 'DKD' in r['objective'] else None)} | "
+        f"{r['jax_cpu_ms']:.3f} | {fmt(r.get('cpu_ratio_to_kd'))} | "
         + ("-" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}") + " | "
         + fmt(r["speedup"]) + " |")
   lines += ["", "| size | load average before each round | other jobs' busy cores |",
