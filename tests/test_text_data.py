@@ -88,6 +88,14 @@ def test_pack_exact_rows_and_masks():
     text.pack([[1]], seq_len=0)
 
 
+def test_unigram_perplexity_by_hand():
+  train = np.array([[9, 2, 2, 3], [3, 2, 0, 0]])   # targets 2 2 3 | 2 (pads skipped)
+  held = np.array([[9, 3, 4, 0]])                  # targets 3 4
+  v = 5  # add-one: p(3) = (1 + 1) / (4 + 5), p(4) = (0 + 1) / 9
+  expected = np.exp(-(np.log(2 / 9) + np.log(1 / 9)) / 2)
+  assert text.unigram_perplexity(train, held, v) == pytest.approx(expected, rel=1e-12)
+
+
 def test_tokenizer_round_trip_and_special_tokens():
   docs = _corpus(80)
   tok = text.train_tokenizer(docs, 300)
