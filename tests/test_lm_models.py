@@ -127,6 +127,9 @@ def test_registry_and_bad_input():
   count = sum(x.size for x in jax.tree.leaves(shapes))
   # 2 blocks of 12·128² (qkv 3, out 1, MLP 8) + embedding and head 2·8192·128 + norms.
   assert count == 2 * 12 * 128**2 + 2 * 8192 * 128 + 5 * 128
+  gpt2 = jax.eval_shape(transformer.create_lm("gpt2_small", 50257).init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, 4), jnp.int32))
+  assert sum(x.size for x in jax.tree.leaves(gpt2)) == 12 * 12 * 768**2 + 2 * 50257 * 768 + 25 * 768
   with pytest.raises(ValueError, match="unknown language model 'nope'.*lm_student_cpu"):
     transformer.create_lm("nope", 100)
   with pytest.raises(ValueError, match="vocab_size"):
