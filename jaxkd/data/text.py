@@ -146,7 +146,8 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int):
   Ids 0 and 1 are `<pad>` and `<eos>`, then the 256 byte symbols, then the merges. The
   trainer is deterministic for the same documents in the same order.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   if not isinstance(vocab_size, int) or vocab_size < 258:
     raise ValueError(f"vocab_size must be an int ≥ 258 (2 special tokens + 256 bytes), got "
                      f"{vocab_size!r}.")
