@@ -4,6 +4,9 @@ Presets (`--config configs/cifar100.py:PRESET[,key=value...]`):
 
   MODEL                          train a teacher (or a vanilla student) with CE
   TEACHER-STUDENT,method=M       distil, M in kd, erkd, eakd, ipwd, dkd, erdkd (default kd)
+  TEACHER-STUDENT,methods=A+B+C  a sweep: one student per method (× num_seeds), one program
+                                 sharing each batch's teacher forward (docs/DESIGN.md#sweeps);
+                                 ce in the list adds the vanilla student
   MODEL,self_distill             one-stage PS-KD; add method=ipwd for PS-KD + IPW
   ...,lt=100                     the long-tailed CIFAR-100-LT train split (rho = 10, 50, 100)
   ...,beta=B                     DKD beta (default: the pair's published beta)
@@ -79,8 +82,8 @@ def _pair(teacher: str, student: str):
 
 
 def get_config(arg=None):
-  positional, named = jconfig.parse_arg(arg, method=str, beta=float, lt=float, epochs=int,
-                                        teacher_checkpoint=str)
+  positional, named = jconfig.parse_arg(arg, method=str, methods=str, beta=float, lt=float,
+                                        epochs=int, teacher_checkpoint=str)
   presets = [p for p in positional if p not in ("smoke", "self_distill", "paper")]
   if len(presets) != 1:
     raise ValueError("configs/cifar100.py needs one preset: MODEL or TEACHER-STUDENT, e.g. "
@@ -94,8 +97,13 @@ def get_config(arg=None):
     teacher, student, known = _pair(*preset.split("-", 1))
     lr, beta, fork_beta = known or (
         0.01 if student in SMALL_LR_STUDENTS else 0.05, 8.0, None)
-    beta = named.get("beta", fork_beta if method.startswith("er") and fork_beta else beta)
-    jconfig.apply_method(c, method, dkd_beta=beta, entropy_upper_bound=h_ub)
+    beta_of = lambda m: named.get("beta", fork_beta if m.startswith("er") and fork_beta else beta)
+    jconfig.apply_method(c, method, dkd_beta=beta_of(method), entropy_upper_bound=h_ub)
+    if "methods" in named:  # each member's loss as its own preset would set it
+      c.sweep = tuple(named["methods"].split("+"))
+      c.sweep_members = {m: {"loss": jconfig.apply_method(
+          jconfig.default_config(), m, dkd_beta=beta_of(m), entropy_upper_bound=h_ub
+      ).loss.to_dict()} for m in c.sweep}
     c.mode = "distill"
     c.model, c.teacher.model = student, teacher
     c.teacher.checkpoint = named.get("teacher_checkpoint", f"teachers/{teacher}")

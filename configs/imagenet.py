@@ -3,6 +3,8 @@
 Presets (`--config configs/imagenet.py:PRESET[,key=value...]`):
 
   r34-r18,method=M      ResNet34 → ResNet18, M in kd, erkd, eakd, ipwd, dkd, erdkd
+  r34-r18,methods=A+B   a sweep: one student per method, one program sharing each batch's
+                        teacher forward (docs/DESIGN.md#sweeps)
   r50-mv1,method=M      ResNet50 → MobileNetV1
   MODEL                 supervised training (resnet18_imagenet, ..., mobilenetv1_imagenet)
   ...,paper             EA-DKD at t = 2 as the paper writes it (the reference code runs t = 3)
@@ -33,7 +35,8 @@ PAIRS = {"r34-r18": ("resnet34_imagenet", "resnet18_imagenet", 0.5),
 
 
 def get_config(arg=None):
-  positional, named = jconfig.parse_arg(arg, method=str, beta=float, teacher_checkpoint=str)
+  positional, named = jconfig.parse_arg(arg, method=str, methods=str, beta=float,
+                                        teacher_checkpoint=str)
   presets = [p for p in positional if p not in ("smoke", "paper")]
   if len(presets) != 1:
     raise ValueError("configs/imagenet.py needs one preset: r34-r18, r50-mv1 or a model name.")
@@ -53,12 +56,19 @@ def get_config(arg=None):
   preset = presets[0]
   if preset in PAIRS:
     teacher, student, beta = PAIRS[preset]
-    method = named.get("method", "kd")
-    jconfig.apply_method(c, method, imagenet=True, dkd_beta=named.get("beta", beta))
-    if method == "eakd":
-      c.loss.ce_weight, c.loss.kd_weight = 1.0, 0.5
-    if method == "eadkd" and "paper" in positional:
-      c.loss.adaptive_temperature = 2.0
+    def method_loss(c, method):
+      jconfig.apply_method(c, method, imagenet=True, dkd_beta=named.get("beta", beta))
+      if method == "eakd":
+        c.loss.ce_weight, c.loss.kd_weight = 1.0, 0.5
+      if method == "eadkd" and "paper" in positional:
+        c.loss.adaptive_temperature = 2.0
+      return c.loss
+
+    method_loss(c, named.get("method", "kd"))
+    if "methods" in named:  # each member's loss as its own preset would set it
+      c.sweep = tuple(named["methods"].split("+"))
+      c.sweep_members = {m: {"loss": method_loss(jconfig.default_config(), m).to_dict()}
+                         for m in c.sweep}
     c.mode = "distill"
     c.model, c.teacher.model = student, teacher
     c.teacher.checkpoint = named.get("teacher_checkpoint", f"teachers/{teacher}")

@@ -3,8 +3,9 @@
   python -m jaxkd.main --config configs/quickstart.py --workdir runs/quickstart
 
 Trains `quick_teacher` with CE, then `quick_student` with CE only (the vanilla student), KD,
-ER-KD, EA-KD, IPWD and DKD from that teacher, and prints one table of test top-1 per method
-with the time each took. Fashion-MNIST is prepared automatically on first use
+ER-KD, EA-KD, IPWD and DKD from that teacher as one sweep (run `students`: all six in one
+program, one teacher forward per batch, docs/DESIGN.md#sweeps), and prints one table of test
+top-1 per method with the time it took. Fashion-MNIST is prepared automatically on first use
 (docs/ENVIRONMENT.md#getting-the-datasets). Measured on a 2-core CPU (under
 load, see README): teacher 89.8%; students CE 76.5%, KD 78.9%, ER-KD 81.4%, EA-KD 80.5%,
 IPWD 80.8%, DKD 81.2%; about 10 minutes on an idle machine.
@@ -18,6 +19,8 @@ IPWD 80.8%, DKD 81.2%; about 10 minutes on an idle machine.
            report (WORKDIR/report) shows the teacher's long-tailed class mass, the recall
            gain by teacher-mass rank and the weights the methods give the tail classes.
   :epochs=N  the students' epochs (the teacher's: 2N).
+  :seeds=N   N seeds of every student (mean ± std, and the paired difference to KD and CE
+             with a 95% interval in WORKDIR/students/summary.md).
 
   python -m jaxkd.main --config configs/quickstart.py:lt=100 --workdir runs/quickstart_lt
 """

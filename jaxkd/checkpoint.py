@@ -185,9 +185,12 @@ def restore_model_variables(directory: str | os.PathLike, *,
   directory = os.path.abspath(os.fspath(directory))
   metadata = read_metadata(directory)
   target = models.abstract_variables(metadata["model"], metadata["num_classes"])
-  if sharding is not None:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          target)
+  # Always an explicit placement: left to itself orbax restores onto the devices that saved
+  # the arrays, which a process with fewer devices (a teacher trained on 8, distilled on 1)
+  # does not have.
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        target)
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR), target)
   return variables, metadata

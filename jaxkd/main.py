@@ -93,7 +93,11 @@ def main(argv):
       suite.run(config, FLAGS.workdir)
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
-      print(train.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
+      if "members" in summary:  # a sweep: its table is printed; each member has its folder
+        print(f"Sweep of {len(summary['members'])} members; results in {FLAGS.workdir}/"
+              f"summary.md, summary.json and {FLAGS.workdir}/<member>/", flush=True)
+      else:
+        print(train.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
   except (jdata.DatasetNotFoundError, jdata.BadDataError, jconfig.ConfigError,
           jworkdir.RunError) as e:
     fail(str(e))

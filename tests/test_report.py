@@ -259,15 +259,17 @@ def test_report_modules_import_nothing_of_the_trainer(module, allowed):
 
 @pytest.mark.slow
 def test_report_of_a_real_smoke_suite(tmp_path):
-  """The quickstart's smoke suite (teacher, CE student, IPWD) on the small generated
-  Fashion-MNIST, then the report: the files the trainer really writes are the ones read."""
+  """The quickstart's smoke suite (teacher, then a sweep of the CE student and IPWD) on the
+  small generated Fashion-MNIST, then the report: the files the trainer really writes are
+  the ones read, a sweep's members as runs."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import helpers
   work = tmp_path / "qs"
   result = helpers.cli(["--config", os.path.join(REPO, "configs", "quickstart.py") + ":smoke",
                         "--workdir", str(work),
                         f"--config.dataset.data_dir={helpers.small_fashion_data_dir()}",
-                        "--config.suite=('teacher','ce','ipwd')", "--config.max_steps=3",
+                        "--config.suite=('teacher','students')", "--config.max_steps=3",
+                        "--config.runs.students.sweep=('ce','ipwd')",
                         "--config.log_every_steps=1",
                         "--config.progress_bar=False"], timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -281,13 +283,13 @@ def test_report_of_a_real_smoke_suite(tmp_path):
   md = open(os.path.join(out, "report.md")).read()
   runs = _md_table(md, "Runs")
   for name in res["runs"]:
-    s = json.load(open(work / name / "summary.json"))
+    s = json.load(open(work / ("" if name == "teacher" else "students") / name / "summary.json"))
     assert runs[name][5] == _pm(s["best_top1"]) and runs[name][6] == _pm(s["last_top1"])
     assert runs[name][7] == f"{s['last']['top5']:.2f}"
-  teacher = json.load(open(work / "ipwd" / "summary.json"))["teacher"]
+  teacher = json.load(open(work / "students" / "ipwd" / "summary.json"))["teacher"]
   assert runs["ipwd"][8] == f"{teacher['top1']:.2f}"
   cal = _md_table(md, "Calibration")
-  assert cal["ipwd"][0] == f"{json.load(open(work / 'ipwd' / 'eval_last.json'))['ce']:.4f}"
+  assert cal["ipwd"][0] == f"{json.load(open(work / 'students' / 'ipwd' / 'eval_last.json'))['ce']:.4f}"
   names = {os.path.basename(p) for p in res["figures"]}
   # One evaluation per run is no learning curve; the losses and weights are logged each step;
   # the rest come from the diagnostics.json each run wrote.
@@ -295,7 +297,7 @@ def test_report_of_a_real_smoke_suite(tmp_path):
                    "class_mass.png", "recall_gain.png", "weight_histograms.png",
                    "weight_vs_mass.png"}
   assert "No diagnostics.json" not in md
-  ipwd = json.load(open(work / "ipwd" / "diagnostics.json"))["seeds"][0]
+  ipwd = json.load(open(work / "students" / "ipwd" / "diagnostics.json"))["seeds"][0]
   assert cal["ipwd"][1] == f"{100 * ipwd['calibration']['ece']:.2f}"
 
 

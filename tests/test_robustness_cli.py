@@ -95,7 +95,7 @@ def test_user_errors_are_one_line_with_exit_2(small_dir, tmp_path, case):
     (teacher / "model").mkdir(parents=True)
     (teacher / "model" / "model.json").write_text("{}")
     args = ["--config", os.path.join(REPO, "configs", "quickstart.py"), "--workdir", workdir,
-            f"--config.dataset.data_dir={small_dir}", "--config.suite=('kd',)",
+            f"--config.dataset.data_dir={small_dir}", "--config.suite=('students',)",
             f"--config.teacher.checkpoint={teacher}"]
     expected = f"did you mean {teacher}/model?"
   line = one_error_line(cli(args, env=ONE_DEVICE, timeout=300))

@@ -144,7 +144,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(small_
   assert f"checkpoints/{last}" in str(info.value)
   state = train.Experiment(jconfig.resolve(c), jax.devices()[:2]).init_state()
   restored, _ = checkpoint.restore_run(mngr, last, state)
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored[0].params))
 
 
 # --- subprocesses: the CLI, resume after SIGKILL, two hosts ---------------------------------

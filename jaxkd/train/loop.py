@@ -263,11 +263,10 @@ class _Run:
   def log(self, done: int, pending: list, progress: report.Progress) -> None:
     fetched = jax.device_get(pending)  # per step, an M-tuple of [S] metrics
     self.check_finite()
-    losses = [m.log(done, [f[i] for f in fetched], None) for i, m in enumerate(self.members)]
-    self.images_per_sec = progress.update(done, {"loss": f"{np.mean(losses):.3f}"})
-    if self.images_per_sec is not None:
-      for m in self.members:
-        m.writer.write(done, {"images_per_sec": self.images_per_sec}, prefix="train/")
+    loss = np.mean([np.mean(m["loss"]) for step in fetched for m in step])
+    self.images_per_sec = progress.update(done, {"loss": f"{loss:.3f}"})
+    for i, m in enumerate(self.members):
+      m.log(done, [step[i] for step in fetched], self.images_per_sec)
 
   def close(self) -> None:
     self.record_checksums()

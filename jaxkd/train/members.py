@@ -80,14 +80,12 @@ class MemberRun:
     self.writer.write(done, scalars, prefix="eval/")
     self.diag.write(self.folder, done, epoch)
 
-  def log(self, done: int, fetched: list[dict[str, Any]],
-          images_per_sec: float | None) -> float:
-    """Writes the mean of this member's fetched step metrics; returns its mean loss."""
+  def log(self, done: int, fetched: list[dict[str, Any]], images_per_sec: float | None) -> None:
+    """Writes the mean of this member's fetched step metrics (over steps and seeds)."""
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     if images_per_sec is not None:
       scalars["images_per_sec"] = images_per_sec
     self.writer.write(done, scalars, prefix="train/")
-    return scalars["loss"]
 
   def export(self, variables) -> None:
     """The deployable models (params + BN statistics) in the converter's format: what a
