@@ -9,6 +9,8 @@
 #                                       # split it with --pairs if one call is limited)
 #     bash benchmarks/gpu.sh profile    # where the time goes, the loss-level benchmark and
 #                                       # the model zoo (grouped convs: 'xla' vs 'split')
+#     bash benchmarks/gpu.sh sweep      # ~6 min: 6 methods x 1 and 5 seeds in one program
+#                                       # against 6 and 30 separate runs (bench_sweep.py)
 # Each stage writes its own files (named after the GPU), so stages can run in separate calls.
 #
 # The machine needs JAX with CUDA, flax, optax, orbax-checkpoint and torch (`pip install -e
@@ -72,8 +74,13 @@ case "$stage" in
     python3 benchmarks/bench_losses.py --out "$out"
     python3 benchmarks/bench_models.py --out "$out"
     ;;
+  sweep)
+    # Members unrolled, each member's seeds in one vmap (the GPU default); batch 64 and 512.
+    python3 benchmarks/bench_sweep.py --pairs resnet56-resnet20,resnet32x4-resnet8x4 \
+      --batch 64,512 --seeds 1,5 --repeats 20 --out "$out"
+    ;;
   *)
-    echo "unknown stage $stage: check | targets | matrix [bench_train_step.py args] | profile" >&2
+    echo "unknown stage $stage: check | targets | matrix [bench_train_step.py args] | profile | sweep" >&2
     exit 2
     ;;
 esac

@@ -97,3 +97,19 @@ def test_against_revision_runs_both_trees_interleaved(tmp_path):
   md = open(only_file(tmp_path, "train-step-smoke-cpu-", ".md")).read()
   assert "| 2 | after |" in md and "busy during" in md
   assert "after / before, paired within each round" in md
+
+
+def test_sweep_benchmark_against_separate_runs(tmp_path):
+  run_script("bench_sweep.py", "--pairs", "quick_teacher-quick_student", "--quick-batch", "8",
+             "--methods", "ce,kd,ipwd", "--seeds", "1,2", "--repeats", "2", "--warmup", "1",
+             "--out", str(tmp_path), "--tag", "smoke")
+  rows = json.load(open(only_file(tmp_path, "sweep-cpu-", "-smoke.json")))["rows"]
+  assert [(r["members"], r["seeds"], r["students"]) for r in rows] == [(3, 1, 3), (3, 2, 6)]
+  for r in rows:
+    assert set(r["single_ms"]) == {"ce", "kd", "ipwd"} and r["sweep_ms"] > 0, r
+    # The bound counts the two teacher forwards a sweep of three saves per batch.
+    singles = sum(r["single_ms"].values())
+    assert abs(r["bound"] - singles / (singles - 2 * r["teacher_ms"])) < 1e-9 * r["bound"]
+    assert r["fraction_of_bound"] == r["speedup"] / r["bound"]
+  md = open(only_file(tmp_path, "sweep-cpu-", "-smoke.md")).read()
+  assert "| quick_teacher-quick_student | 8 | 3 × 2 |" in md
