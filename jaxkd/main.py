@@ -83,7 +83,7 @@ def main(argv):
   config = FLAGS.config
   try:
     if config.get("suite"):
-      suite.validate(config, device_count=jax.device_count())
+      suite.validate(config, device_count=jax.device_count(), workdir=FLAGS.workdir)
     else:
       jconfig.validate(config, device_count=jax.device_count())
   except jconfig.ConfigError as e:
@@ -91,6 +91,10 @@ def main(argv):
   try:
     if config.get("suite"):
       suite.run(config, FLAGS.workdir)
+    elif config.get("task") == "lm":
+      from jaxkd.train import lm_loop
+      summary = lm_loop.train_and_evaluate(config, FLAGS.workdir)
+      print(lm_loop.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
       if "members" in summary:  # a sweep: its table is printed; each member has its folder

@@ -55,13 +55,17 @@ def expand(config: ml_collections.ConfigDict, workdir: str
   return out
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
-  """Validates every run; a teacher made by an earlier run of the suite need not exist yet."""
+def validate(config: ml_collections.ConfigDict, *, device_count: int,
+             workdir: str = "/nonexistent-workdir") -> None:
+  """Validates every run; a teacher made by an earlier run of the suite need not exist yet,
+  and one made by an earlier invocation (a suite narrowed to its students with
+  `--config.suite`) is found in `workdir`."""
   produced = set()
-  for name, run in expand(config, "/nonexistent-workdir"):
+  workdir = os.path.abspath(workdir)
+  for name, run in expand(config, workdir):
     from_suite = run.mode == "distill" and run.teacher.checkpoint in produced
     jconfig.validate(run, device_count=device_count, teacher_from_suite=from_suite)
-    produced.add(f"/nonexistent-workdir/{name}/model")
+    produced.add(os.path.join(workdir, name, "model"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -70,6 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
   workdir = os.path.abspath(workdir)
   jworkdir.prepare(workdir)  # a file or a read-only folder: one error line, not a traceback
+  if config.get("task") == "lm":  # a language-model suite: its own trainer and table
+    from jaxkd.train import lm_suite
+    return lm_suite.run(expand(config, workdir), workdir)
   rows = []
   for name, run_config in expand(config, workdir):
     what = (f"a sweep of {', '.join(jconfig.sweep_names(run_config))}"

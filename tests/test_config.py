@@ -81,8 +81,8 @@ def test_parse_arg_wrong_type(arg, kind):
 
 
 @pytest.mark.parametrize("name,arg,accepted", [
-    ("cifar100", "resnet32x4,bogus=1", "beta, epochs, lt, method, teacher_checkpoint"),
-    ("imagenet", "r34-r18,lt=100", "beta, method, teacher_checkpoint"),
+    ("cifar100", "resnet32x4,bogus=1", "beta, epochs, lt, method, methods, teacher_checkpoint"),
+    ("imagenet", "r34-r18,lt=100", "beta, method, methods, teacher_checkpoint"),
     ("quickstart", "method=kd", "epochs, lt")])
 def test_config_files_reject_unknown_options(name, arg, accepted):
   with pytest.raises(ConfigError, match=f"takes {accepted}"):

@@ -20,6 +20,7 @@ from jaxkd import diagnostics as dg
 from jaxkd import models
 from jaxkd import report as jreport
 from jaxkd.data import augment
+from jaxkd.data import arrays as jarrays
 from jaxkd.data import datasets
 
 from helpers import quick_config, read_metrics, small_fashion_data_dir, train_run
@@ -48,7 +49,7 @@ def _logits(run_dir, data_dir, split):
   order, without augmentation."""
   variables, meta = checkpoint.restore_model_variables(os.path.join(run_dir, "model"))
   model = models.create(meta["model"], 10)
-  arrays = datasets.load_arrays("fashion_mnist", split, data_dir,
+  arrays = jarrays.load_arrays("fashion_mnist", split, data_dir,
                                 long_tail_factor=LT["dataset.long_tail_factor"])
   spec = datasets.spec("fashion_mnist")
   images = augment.augment_batch(arrays["image"], spec, train=False)

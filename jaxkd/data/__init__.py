@@ -33,7 +33,7 @@ from jaxkd.data.datasets import BadDataError
 from jaxkd.data.datasets import DatasetNotFoundError
 from jaxkd.data.datasets import DatasetSpec
 from jaxkd.data.datasets import default_data_dir
-from jaxkd.data.datasets import load_arrays
+from jaxkd.data.arrays import load_arrays
 from jaxkd.data.datasets import open_source
 from jaxkd.data.datasets import spec
 from jaxkd.data.datasets import SPECS

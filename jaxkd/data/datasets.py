@@ -4,7 +4,7 @@ Every dataset is a tfds dataset written as array_record (see `builders.py` for h
 there) and read through `tfds.data_source`, which needs neither TensorFlow nor a network.
 This module knows what each dataset is (`DatasetSpec`), opens its splits with errors that
 say what is wrong and what to run (`open_source`), and reads small splits into uint8 arrays
-(`load_arrays`) for the device-resident path.
+(`jaxkd/data/arrays.py`'s `load_arrays`) for the device-resident path.
 """
 
 import dataclasses
@@ -339,62 +339,6 @@ def select_examples(labels: np.ndarray, split: str, ds_spec: DatasetSpec, *,
     return np.arange(len(labels), dtype=np.int32)
   return long_tail_lib.long_tail_indices(labels, ds_spec.num_classes, long_tail_factor,
                                          seed=seed)
-
-
-def load_arrays(name: str, split: str, data_dir: str | None = None, *,
-                long_tail_factor: float | None = None, seed: int = 0,
-                with_ids: bool = False, source: Source | None = None,
-                chunk: int = 2048) -> dict[str, np.ndarray]:
-  """Reads a whole (small) split into arrays, e.g. for the device-resident path.
-
-  Args:
-    name: dataset name (`SPECS`).
-    split: tfds split.
-    data_dir: tfds data dir (default `default_data_dir()`).
-    long_tail_factor: imbalance factor rho of the exponential long-tail profile, applied to
-      the train split only (`long_tail.long_tail_indices`); None keeps the whole split.
-    seed: which examples the long-tailed subset keeps.
-    with_ids: also return `id`, the tfds id strings (for datasets that have one).
-    source: read from this `Source` instead of opening the split (tests).
-    chunk: examples read per call.
-
-  Returns:
-    {'image': uint8 [N, H, W, C], 'label': int32 [N], 'index': int32 [N]} (+ 'id': str [N]),
-    where `index` is the example's position (record key) in the tfds data source of the
-    whole split: stable across runs, seeds and long-tail factors, so per-example tables
-    (self-distillation) can be keyed by it; size them `len(open_source(...))`.
-
-  Raises:
-    BadDataError: an image of another shape than `spec(name).image_shape`, a label out of
-      range, or an unreadable record file, each named.
-  """
-  ds_spec = spec(name)
-  src = source or open_source(name, split, data_dir)
-  where = f"{name}/{split}"
-  n = len(src)
-  images = np.empty((n, *ds_spec.image_shape), np.uint8)
-  labels = np.empty(n, np.int32)
-  ids = [] if with_ids else None
-  for start in range(0, n, chunk):
-    keys = range(start, min(start + chunk, n))
-    for k, ex in zip(keys, src.read(keys)):
-      img = as_image(ex["image"], f"{where} example {k}")
-      check_image_shape(img, ds_spec.image_shape, f"{where} example {k}")
-      images[k] = img
-      labels[k] = int(ex["label"])
-      if ids is not None:
-        key = ds_spec.id_key
-        ids.append(_as_str(ex[key]) if key and key in ex else str(k))
-  check_labels(labels, ds_spec.num_classes, where)
-  keep = select_examples(labels, split, ds_spec, long_tail_factor=long_tail_factor,
-                         seed=seed)
-  if len(keep) == n:  # the whole split: no copy of the images
-    out = {"image": images, "label": labels, "index": keep}
-  else:
-    out = {"image": images[keep], "label": labels[keep], "index": keep}
-  if ids is not None:
-    out["id"] = np.asarray(ids, dtype=object)[keep]
-  return out
 
 
 def _as_str(value: Any) -> str:

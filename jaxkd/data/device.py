@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxkd import sharding
 from jaxkd.data import augment
+from jaxkd.data import arrays as jarrays
 from jaxkd.data import datasets
 from jaxkd.data import sampling
 
@@ -193,7 +194,7 @@ def device_loader(name: str, split: str | None = None, data_dir: str | None = No
   if arrays is None:
     source = datasets.open_source(ds_spec.name, split, data_dir)
     index_size = len(source)
-    arrays = datasets.load_arrays(ds_spec.name, split, long_tail_factor=long_tail_factor,
+    arrays = jarrays.load_arrays(ds_spec.name, split, long_tail_factor=long_tail_factor,
                                   seed=long_tail_seed, source=source)
   return DeviceResidentLoader(arrays, ds_spec, global_batch=global_batch, mesh=mesh,
                               train=train, seed=seed, data_axis=data_axis,

@@ -20,6 +20,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxkd import sharding
+from jaxkd.data import arrays as jarrays
 from jaxkd.data import datasets
 from jaxkd.data import device
 from jaxkd.data import host
@@ -66,7 +67,7 @@ def make_train_loader(ds_spec: datasets.DatasetSpec | str, data_dir: str | None,
   if device_resident:
     device.check_device_resident(ds_spec)
     source = datasets.open_source(ds_spec.name, split, data_dir)
-    arrays = datasets.load_arrays(ds_spec.name, split, source=source,
+    arrays = jarrays.load_arrays(ds_spec.name, split, data_dir,
                                   long_tail_factor=long_tail_factor, seed=long_tail_seed)
     return multiseed.StackedDeviceLoader(arrays, ds_spec, mesh=mesh, global_batch=global_batch,
                                          seeds=seeds, index_size=len(source))
@@ -134,7 +135,7 @@ def make_eval_loader(ds_spec: datasets.DatasetSpec | str, data_dir: str | None, 
   split = split or ds_spec.eval_split
   if device_resident:
     device.check_device_resident(ds_spec)
-    arrays = datasets.load_arrays(ds_spec.name, split, data_dir,
+    arrays = jarrays.load_arrays(ds_spec.name, split, data_dir,
                                   long_tail_factor=long_tail_factor, seed=long_tail_seed)
     pipeline = device.DeviceResidentLoader(
         arrays, ds_spec, global_batch=global_batch, mesh=mesh, train=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 from typing import Any
 
@@ -119,10 +120,30 @@ class Diagnostics:
     `known` (another member of the sweep computed it)."""
     teacher = self.step_config.teacher
     if teacher is not None and self.teacher_mass is None:
-      self.teacher_mass = known
+      self.teacher_mass = known or self._teacher_run_mass()
     if teacher is not None and self.teacher_mass is None:
       variables = jax.tree.map(lambda x: x[None], teacher_variables)
       self.teacher_mass = self._mass(teacher, variables)[0]
+
+  def _teacher_run_mass(self) -> dict[str, Any] | None:
+    """The teacher's class mass as its own jaxkd run recorded it (`self_class_mass` of
+    `…/teacher/diagnostics.json` beside `…/teacher/model[_seed{k}]`), when that run trained
+    on the same examples; None otherwise (then it is computed)."""
+    folder, model = os.path.split(os.path.normpath(self.exp.spec.teacher_checkpoint))
+    k = int(model[len("model_seed"):]) if model.startswith("model_seed") else 0
+    try:
+      with open(os.path.join(folder, "config.json")) as f:
+        data = json.load(f).get("dataset") or {}
+      with open(os.path.join(folder, "diagnostics.json")) as f:
+        record = json.load(f)["seeds"][k]["self_class_mass"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+      return None
+    d = self.exp.spec.data
+    same = (data.get("name") == d.name and data.get("long_tail_factor") == d.long_tail_factor
+            and (d.long_tail_factor is None or data.get("long_tail_seed") == d.long_tail_seed)
+            and record.get("split") == self.exp.ds_spec.train_split
+            and record.get("temperatures") == [float(t) for t in dg.TEMPERATURES])
+    return record if same else None
 
   def add_step(self, metrics: dict[str, Any], done: int) -> None:
     """Takes the step's "weights" / "weight_labels" [S, B] out of `metrics` (the rest is

@@ -120,15 +120,13 @@ class Experiment:
     """Fresh states, one per member with a leading seed axis, born replicated on the mesh.
     Seed s initialises the student alike in every member (the paired comparison)."""
     keys = jnp.stack([jax.random.key(s) for s in self.spec.seeds])
-    states = []
-    for cfg in self.step_configs:
-      init = functools.partial(jstep.init_train_state, cfg,
-                               image_shape=self.ds_spec.image_shape,
+    inits = [functools.partial(jstep.init_train_state, cfg, image_shape=self.ds_spec.image_shape,
                                feature_dim=models.feature_dim(self.spec.model),
                                index_size=self.train_data.index_size)
-      states.append(jax.jit(lambda k, init=init: jstep.map_seeds(init, k),
-                            out_shardings=sharding.replicated(self.mesh))(keys))
-    return tuple(states)
+             for cfg in self.step_configs]
+    # One program for every member: one compilation, not M.
+    return jax.jit(lambda k: tuple(jstep.map_seeds(init, k) for init in inits),
+                   out_shardings=sharding.replicated(self.mesh))(keys)
 
   def evaluate(self, eval_step, variables) -> tuple[list[dict[str, Any]], list[dict]]:
     """Per seed of `variables` (leading seed axis): eval summary, calibration (diagnose)."""
