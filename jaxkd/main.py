@@ -91,10 +91,6 @@ def main(argv):
   try:
     if config.get("suite"):
       suite.run(config, FLAGS.workdir)
-    elif config.get("task") == "lm":
-      from jaxkd.train import lm_loop
-      summary = lm_loop.train_and_evaluate(config, FLAGS.workdir)
-      print(lm_loop.describe(summary) + f"; results in {FLAGS.workdir}/summary.json", flush=True)
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
       if "members" in summary:  # a sweep: its table is printed; each member has its folder

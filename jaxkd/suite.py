@@ -74,9 +74,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
   workdir = os.path.abspath(workdir)
   jworkdir.prepare(workdir)  # a file or a read-only folder: one error line, not a traceback
-  if config.get("task") == "lm":  # a language-model suite: its own trainer and table
-    from jaxkd.train import lm_suite
-    return lm_suite.run(expand(config, workdir), workdir)
   rows = []
   for name, run_config in expand(config, workdir):
     what = (f"a sweep of {', '.join(jconfig.sweep_names(run_config))}"
