@@ -109,10 +109,6 @@ class MemberRun:
     report.write_json(os.path.join(self.folder, "summary.json"), final)
     return final
 
-  def export_paths(self) -> list[str]:
-    return [os.path.join(self.folder, "model" + self.suffix(i))
-            for i in range(self.exp.num_seeds)]
-
   def close(self) -> None:
     self.writer.close()
 
