@@ -61,6 +61,11 @@ def _last_checkpoints(workdir: str) -> str:
   return ", ".join(found) or "none"
 
 
+def _lm_diverged():
+  from jaxkd.train import lm_loop
+  return lm_loop.TrainingDiverged
+
+
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
@@ -73,6 +78,7 @@ def main(argv):
   import jax
   from jaxkd import config as jconfig
   from jaxkd import data as jdata
+  from jaxkd import lm_config
   from jaxkd import sharding
   from jaxkd import suite
   from jaxkd import train
@@ -84,6 +90,8 @@ def main(argv):
   try:
     if config.get("suite"):
       suite.validate(config, device_count=jax.device_count(), workdir=FLAGS.workdir)
+    elif lm_config.is_lm(config):
+      lm_config.validate(config, device_count=jax.device_count())
     else:
       jconfig.validate(config, device_count=jax.device_count())
   except jconfig.ConfigError as e:
@@ -91,6 +99,13 @@ def main(argv):
   try:
     if config.get("suite"):
       suite.run(config, FLAGS.workdir)
+    elif lm_config.is_lm(config):
+      from jaxkd.train import lm_loop, lm_results
+      summary = lm_loop.train_and_evaluate(config, FLAGS.workdir)
+      print((f"Sweep of {len(summary['members'])} students; results in {FLAGS.workdir}/"
+             f"summary.md and {FLAGS.workdir}/<method>/") if "members" in summary else
+            lm_results.describe(summary) + f"; results in {FLAGS.workdir}/summary.json",
+            flush=True)
     else:
       summary = train.train_and_evaluate(config, FLAGS.workdir)
       if "members" in summary:  # a sweep: its table is printed; each member has its folder
@@ -101,7 +116,7 @@ def main(argv):
   except (jdata.DatasetNotFoundError, jdata.BadDataError, jconfig.ConfigError,
           jworkdir.RunError) as e:
     fail(str(e))
-  except train.TrainingDiverged as e:
+  except (train.TrainingDiverged, _lm_diverged()) as e:
     print(f"jaxkd: error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   except KeyboardInterrupt as e:

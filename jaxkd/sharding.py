@@ -118,3 +118,23 @@ def multi_device_cpu() -> bool:
   """Several CPU devices (virtual ones in tests): run one program at a time there, which
   also means no asynchronous checkpoint writes competing with a step's collectives."""
   return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
+def fsdp_sharded(tree: Any, mesh: Mesh, min_size: int = 1024) -> Any:
+  """Per leaf of `tree` (arrays or ShapeDtypeStructs), a sharding that splits it over the
+  data axis along its largest dimension divisible by the device count (fully sharded data
+  parallel: each device keeps 1/n of the parameters and optimizer state, and XLA gathers
+  them for the matmuls). Leaves under `min_size` elements or with no such dimension stay
+  replicated: scalars, norm scales, step counters.
+  """
+  n = mesh.devices.size
+
+  def one(x):
+    shape = tuple(getattr(x, "shape", ()))
+    dims = [d for d in range(len(shape)) if shape[d] % n == 0]
+    if n == 1 or not dims or int(np.prod(shape)) < min_size:
+      return replicated(mesh)
+    d = max(dims, key=lambda i: shape[i])
+    return NamedSharding(mesh, P(*([None] * d + [DATA_AXIS])))
+
+  return jax.tree.map(one, tree)

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from jaxkd import config as jconfig
+from jaxkd import lm_config
 from jaxkd.train import compare
 
 
@@ -64,7 +65,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int,
   workdir = os.path.abspath(workdir)
   for name, run in expand(config, workdir):
     from_suite = run.mode == "distill" and run.teacher.checkpoint in produced
-    jconfig.validate(run, device_count=device_count, teacher_from_suite=from_suite)
+    check = lm_config.validate if lm_config.is_lm(run) else jconfig.validate
+    check(run, device_count=device_count, teacher_from_suite=from_suite)
     produced.add(os.path.join(workdir, name, "model"))
 
 
@@ -74,6 +76,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 
   workdir = os.path.abspath(workdir)
   jworkdir.prepare(workdir)  # a file or a read-only folder: one error line, not a traceback
+  if lm_config.is_lm(config):
+    return _run_lm(config, workdir)
   rows = []
   for name, run_config in expand(config, workdir):
     what = (f"a sweep of {', '.join(jconfig.sweep_names(run_config))}"
@@ -110,6 +114,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     from jaxkd import report  # deferred: matplotlib
     where = report.write_report([workdir], os.path.join(workdir, "report"))["html"]
     print(f"Report (tables and figures of every run): {where}", flush=True)
+  return rows
+
+
+def _run_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """A language-model suite: each run in turn, then one table of validation perplexity."""
+  from jaxkd.train import lm_loop, lm_results  # deferred: the heavy imports
+  rows, last = [], None
+  for name, run_config in expand(config, workdir):
+    members = lm_config.members(run_config)
+    print(f"== {name}: {run_config.mode} {run_config.model} ({', '.join(members)})",
+          flush=True)
+    start = time.perf_counter()
+    try:
+      summary = lm_loop.train_and_evaluate(run_config, os.path.join(workdir, name))
+    except (lm_config.ConfigError, lm_loop.jworkdir.RunError) as e:
+      e.args = (f"suite run {name!r}: {e}",) + e.args[1:]
+      raise
+    seconds = time.perf_counter() - start
+    last = summary
+    for s in summary.get("members", [summary]):
+      row = lm_results.table_row(name if "members" not in summary else s["method"], s)
+      rows.append({**row, "path": name if "members" not in summary else
+                   f"{name}/{s['method']}", "seconds": seconds, "mode": run_config.mode})
+  table = lm_results.format_table(
+      rows, unigram_ppl=last["unigram_ppl"],
+      teacher=None if any(r["mode"] == "teacher" for r in rows) else last.get("teacher"),
+      title=f"Validation perplexity per run ({jax.devices()[0].device_kind}; a sweep's "
+            f"students train in one program)")
+  print("\n" + table, flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(table + "\n")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(rows, f, indent=1)
   return rows
 
 

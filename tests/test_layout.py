@@ -84,6 +84,9 @@ def test_pure_modules_import_only_what_they_may(module, allowed):
     ("jaxkd.data", ("jaxkd.train", "jaxkd.models", "jaxkd.config", "jaxkd.checkpoint")),
     ("jaxkd.models", ("jaxkd.data", "jaxkd.train", "jaxkd.config", "jaxkd.objectives")),
     ("jaxkd.train.step", ("jaxkd.data", "jaxkd.checkpoint", "jaxkd.config")),
+    ("jaxkd.train.lm_step", ("jaxkd.data", "jaxkd.checkpoint", "jaxkd.config",
+                             "jaxkd.lm_config")),
+    ("jaxkd.lm_config", ("jaxkd.train", "jaxkd.suite", "jaxkd.main", "jaxkd.data")),
     ("jaxkd.config", ("jaxkd.train", "jaxkd.suite", "jaxkd.main")),
     ("jaxkd.checkpoint", ("jaxkd.train", "jaxkd.config", "jaxkd.data")),
 ])
@@ -95,10 +98,12 @@ def test_nothing_imports_upwards(prefix, never):
 
 
 def test_the_config_enters_the_trainer_once():
-  """Of the trainer's modules only the loop reads configs; the step and report do not."""
-  readers = sorted(m for m, imports in GRAPH.items()
-                   if _under(m, "jaxkd.train") and "jaxkd.config" in imports)
-  assert readers == ["jaxkd.train.loop"], readers
+  """Of the trainer's modules only the loops read configs (the image one `jaxkd.config`,
+  the language-model one `jaxkd.lm_config`); the steps and reports do not."""
+  readers = sorted((m, c) for m, imports in GRAPH.items() if _under(m, "jaxkd.train")
+                   for c in ("jaxkd.config", "jaxkd.lm_config") if c in imports)
+  assert readers == [("jaxkd.train.lm_loop", "jaxkd.lm_config"),
+                     ("jaxkd.train.loop", "jaxkd.config")], readers
 
 
 def test_no_import_cycles():

@@ -1,30 +1,33 @@
-"""Pure, jit-able language-model steps: a teacher's next-token CE, distillation, evaluation.
+"""Pure, jit-able language-model steps: students trained from one teacher forward, evaluation.
 
     tx, schedule = make_optimizer(3e-4, warmup_steps=100, total_steps=2000)
-    state = init_state(model, tx, jax.random.key(0), seq_len=128)
-    step = jax.jit(functools.partial(teacher_step, model=model, tx=tx), donate_argnums=0)
-    state, metrics = step(state, batch)            # batch: text_loader's tokens/targets/mask
-    cfg = DistillConfig(method="erkd", temperature=1.0)
-    step = jax.jit(functools.partial(distill_step, student=s, teacher=t, tx=tx, cfg=cfg),
+    cfgs = (DistillConfig("kd", ce_weight=0.5, kd_weight=0.5), DistillConfig("ipwd", ...))
+    states = tuple(init_state(student, tx, jax.random.key(0), 128, c) for c in cfgs)
+    step = jax.jit(functools.partial(train_step, student=s, teacher=t, tx=tx, cfgs=cfgs),
                    donate_argnums=0)
-    state, metrics = step(state, teacher_params, batch)
-    sums = eval_sums(params, batch, model=s, teacher=t, teacher_params=tp, cfg=cfg)
+    states, metrics = step(states, teacher_params, batch)  # text_loader's tokens/targets/mask
+    sums = eval_sums(states[0].params, batch, model=s, teacher=t, teacher_params=tp,
+                     cfg=cfgs[0])
 
-No I/O, no data, no config: everything a step needs is in its arguments, and nothing of
-shape [B, L, V] is ever materialised in training. Over the N tokens the mask keeps:
+A teacher run is the same step with `cfgs = (DistillConfig("ce"),)` and no teacher. No I/O,
+no data, no config: everything a step needs is in its arguments, and nothing of shape
+[B, L, V] is ever materialised in training. Over the N tokens the mask keeps (`member_loss`):
 
-- **Teacher** (`teacher_loss`): L = (1/N) Σ_i −log softmax(h_i W + b)_{y_i}, by
-  `chunked_cross_entropy`: a scan over chunks of C tokens whose body (the [C, V] logits, their
-  log-sum-exp and the label's logit) is rematerialised in the backward pass, so memory is
-  O(C · V) and the matmul work 4·N·V·H (forward, recompute, two gradients). Not
-  `jaxkd.lm.distill_loss` with kd_weight = 0: that still needs a teacher and sweeps its
+- **ce**: L = (1/N) Σ_i −log softmax(h_i W + b)_{y_i}, by `chunked_cross_entropy`: a scan
+  over chunks of C tokens whose body (the [C, V] logits, their log-sum-exp and the label's
+  logit) is rematerialised in the backward pass, so memory is O(C · V) and the matmul work
+  4·N·V·H. Not `jaxkd.lm.distill_loss` with kd_weight = 0: that still sweeps the teacher's
   [C, V] logits for statistics the CE does not use.
-- **Distillation** (`distill_loss_fn`): `jaxkd.lm.distill_loss` of the student's hidden
-  states and lm_head against the frozen teacher's (its forward under `stop_gradient`), with
-  `where` = the loss mask and labels = the targets:
+- **kd, erkd, eakd**: `jaxkd.lm.distill_loss` of the student's hidden states and lm_head
+  against the frozen teacher's (`teacher_forward`, under `stop_gradient`, once per batch for
+  every student), `where` = the loss mask, labels = the targets:
   L = ce_weight · mean CE + kd_weight · τ² · (1/N) Σ_i w_i · KL_i(τ), w_i = 1 (kd, Hinton et
   al., 2015), H_t,i(τ′) (erkd, "entropy", Su et al., arXiv 2311.13621 v1) or
   ½ H_t,i(τ′)(1 + H_s,i(τ′)/ln V) (eakd, "adaptive_entropy", v2/v3, ICCV 2025).
+- **ipwd** (Niu et al., NeurIPS 2022, per token as jaxkd's image IPWD is per example):
+  w_i = 1 + q_g,i / q_f,i from the z-scored label likelihoods of the lm_head f and an
+  auxiliary head g (`ipw_token_weights`), g trained by its own CE on the stopped hidden
+  states, added to L. Its cost: g's CE (4·N·V·H) and one more pass of f and g (4·N·V·H).
 - **Evaluation** (`eval_sums`): sums over the kept tokens, for exact means over any number
   of batches: NLL, top-1 hits, the token count; with a teacher, KL(p_t ‖ p_s) at τ = 1 and,
   by the teacher's entropy H_t at τ = 1 in `num_buckets` equal bins of [0, ln V], the tokens,
@@ -38,6 +41,7 @@ global-norm clipping: the usual recipe for GPT-style models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -48,23 +52,28 @@ import jax.numpy as jnp
 import optax
 
 from jaxkd import lm
+from jaxkd import weighting
 
-__all__ = ["DistillConfig", "LMState", "METHODS", "chunked_cross_entropy", "distill_loss_fn",
-           "distill_step", "eval_sums", "init_state", "make_optimizer", "teacher_loss",
-           "teacher_step"]
+__all__ = ["DistillConfig", "LMState", "METHODS", "chunked_cross_entropy", "eval_sums",
+           "init_state", "ipw_token_weights", "make_optimizer", "member_loss",
+           "teacher_forward", "train_step"]
 
-METHODS = {"kd": None, "erkd": "entropy", "eakd": "adaptive_entropy"}
+# Method -> the weighting of its per-token KD term; "ce" trains with next-token CE alone (a
+# teacher run, or the CE-only student of a comparison), "ipwd" adds an auxiliary CE-only head.
+METHODS = {"ce": None, "kd": None, "erkd": "entropy", "eakd": "adaptive_entropy",
+           "ipwd": "inverse_propensity"}
+AUX_HEAD_STD = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """The distillation objective (hashable: a static argument of the jitted step).
+  """A student's objective (hashable: a static argument of the jitted step).
 
   Attributes:
-    method: "kd", "erkd" or "eakd" (`METHODS`).
+    method: one of `METHODS`.
     temperature: τ of the KL.
     weighting_temperature: τ′ of the entropies (None: τ).
-    ce_weight, kd_weight: the two terms' factors.
+    ce_weight, kd_weight: the two terms' factors (method "ce": CE alone, weight 1).
     divergence: "forward_kl" (the papers'), "reverse_kl" or "jsd" (`jaxkd.lm`).
     chunk_size: tokens per chunk of the fused loss.
   """
@@ -84,10 +93,19 @@ class DistillConfig:
   def weighting(self) -> str | None:
     return METHODS[self.method]
 
+  @property
+  def uses_teacher(self) -> bool:
+    return self.method != "ce"
+
+  @property
+  def needs_aux_head(self) -> bool:
+    return self.method == "ipwd"
+
 
 @flax.struct.dataclass
 class LMState:
-  """step (int32 scalar), params (the model's float32 parameters), opt_state."""
+  """step (int32 scalar), params ({"model": the LM's float32 parameters, and for IPWD
+  "aux_head": {"kernel": [H, V]}}), opt_state."""
   step: jax.Array
   params: Any
   opt_state: Any
@@ -113,10 +131,15 @@ def make_optimizer(lr: float, *, warmup_steps: int, total_steps: int,
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-               seq_len: int = 8) -> LMState:
-  """Fresh parameters (float32) from `model.init` on zeros [1, seq_len], and their
-  optimizer state."""
-  params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+               seq_len: int = 8, cfg: DistillConfig | None = None) -> LMState:
+  """Fresh float32 parameters (`model.init` on zeros [1, seq_len]; IPWD's auxiliary head
+  N(0, 0.02²), from its own key) and their optimizer state."""
+  model_key, aux_key = jax.random.split(rng)
+  params = {"model": model.init(model_key, jnp.zeros((1, seq_len), jnp.int32))["params"]}
+  if cfg is not None and cfg.needs_aux_head:
+    kernel, _ = model.apply({"params": params["model"]}, method="head")
+    params["aux_head"] = {"kernel": AUX_HEAD_STD * jax.random.normal(
+        aux_key, kernel.shape, jnp.float32)}
   return LMState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
@@ -127,6 +150,12 @@ def _forward(model, params, tokens):
   return model.apply(variables, tokens), kernel, bias
 
 
+def teacher_forward(teacher: nn.Module, teacher_params, tokens):
+  """The frozen teacher's (hidden, kernel, bias), without gradient: computed once per batch
+  and shared by every student of a sweep."""
+  return jax.lax.stop_gradient(_forward(teacher, teacher_params, tokens))
+
+
 def _chunks(x, chunk, fill):
   """[N, ...] -> [ceil(N / chunk), chunk, ...], the tail filled with `fill`."""
   n = x.shape[0]
@@ -134,6 +163,11 @@ def _chunks(x, chunk, fill):
   if pad:
     x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
   return x.reshape(-1, chunk, *x.shape[1:])
+
+
+def _logits(h, kernel, bias):
+  z = jnp.einsum("nh,hv->nv", h, kernel, preferred_element_type=jnp.float32)
+  return z if bias is None else z + bias.astype(jnp.float32)
 
 
 def chunked_cross_entropy(hidden, kernel, bias, labels, where, *, chunk_size: int = 1024):
@@ -154,9 +188,7 @@ def chunked_cross_entropy(hidden, kernel, bias, labels, where, *, chunk_size: in
 
   @jax.checkpoint
   def one(h_c, y_c, k_c):
-    z = jnp.einsum("nh,hv->nv", h_c, kernel, preferred_element_type=jnp.float32)
-    if bias is not None:
-      z = z + bias.astype(jnp.float32)
+    z = _logits(h_c, kernel, bias)
     m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
     lse = jnp.log(jnp.sum(jnp.exp(z - m), axis=-1)) + m[:, 0]
     z_y = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0]
@@ -169,64 +201,92 @@ def chunked_cross_entropy(hidden, kernel, bias, labels, where, *, chunk_size: in
   return total, jnp.sum(keep).astype(jnp.float32)
 
 
-def teacher_loss(params, batch, *, model: nn.Module, chunk_size: int = 1024):
-  """The mean next-token CE over the batch's kept tokens (and that count)."""
-  hidden, kernel, bias = _forward(model, params, batch["tokens"])
-  total, count = chunked_cross_entropy(hidden, kernel, bias, batch["targets"], batch["mask"],
-                                       chunk_size=chunk_size)
-  return total / jnp.maximum(count, 1.0), count
+def ipw_token_weights(hidden, kernel, bias, aux_kernel, labels, where, *,
+                      chunk_size: int = 1024):
+  """IPWD's weights per token, `weighting.inverse_propensity_weights` of the student's
+  lm_head (f) and the auxiliary CE-only head (g) on the same hidden state: with z-scored
+  logits, w_i = 1 + softmax(std(g_i))_{y_i} / softmax(std(f_i))_{y_i} ≥ 1. float32 `[...]`,
+  0 where excluded, no gradient; computed in chunks of C tokens (memory O(C · V))."""
+  lead = labels.shape
+  flat = jax.lax.stop_gradient(hidden.reshape(-1, hidden.shape[-1]))
+  chunk = max(1, min(int(chunk_size), flat.shape[0]))
+  xs = (_chunks(flat, chunk, 0), _chunks(labels.reshape(-1).astype(jnp.int32), chunk, 0))
+  kernel, aux_kernel = jax.lax.stop_gradient((kernel, aux_kernel.astype(kernel.dtype)))
+
+  def one(c):
+    h, y = c
+    return weighting.inverse_propensity_weights(_logits(h, kernel, bias),
+                                                _logits(h, aux_kernel, None), y)
+
+  w = jax.lax.map(one, xs).reshape(-1)[:flat.shape[0]].reshape(lead)
+  return jnp.where(where, w, 0.0)
 
 
-def _apply(state, grads, tx):
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return LMState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+def member_loss(params, teacher_out, batch, *, student: nn.Module, cfg: DistillConfig,
+                return_stats: bool = False):
+  """One student's loss against the teacher's (hidden, kernel, bias) `teacher_out`.
+
+  ce: the mean next-token CE (`chunked_cross_entropy`; `teacher_out` unused). Otherwise
+  `jaxkd.lm.distill_loss` with the mask as `where`; for ipwd its weights are
+  `ipw_token_weights`, and the auxiliary head's own mean CE on the stopped hidden states
+  is added (it estimates the propensity; it does not train the features).
+  With `return_stats`, also (metrics {ce, kl, weight_mean, aux_ce}, the loss's statistics).
+  """
+  hidden, kernel, bias = _forward(student, params["model"], batch["tokens"])
+  keep, labels = batch["mask"], batch["targets"]
+  count = jnp.maximum(jnp.sum(keep).astype(jnp.float32), 1.0)
+  if not cfg.uses_teacher:
+    total, _ = chunked_cross_entropy(hidden, kernel, bias, labels, keep,
+                                     chunk_size=cfg.chunk_size)
+    loss = total / count
+    return (loss, ({"ce": loss}, None)) if return_stats else loss
+  aux_ce, weights = 0.0, cfg.weighting
+  if cfg.needs_aux_head:
+    aux_kernel = params["aux_head"]["kernel"].astype(kernel.dtype)
+    aux_total, _ = chunked_cross_entropy(jax.lax.stop_gradient(hidden), aux_kernel, None,
+                                         labels, keep, chunk_size=cfg.chunk_size)
+    aux_ce = aux_total / count
+    w = ipw_token_weights(hidden, kernel, bias, aux_kernel, labels, keep,
+                          chunk_size=cfg.chunk_size)
+    weights = lambda stats: w
+  t_hidden, t_kernel, t_bias = teacher_out
+  loss, stats = lm.distill_loss(
+      hidden, kernel, t_hidden, t_kernel, labels, temperature=cfg.temperature,
+      divergence=cfg.divergence, weighting=weights,
+      weighting_temperature=cfg.weighting_temperature, ce_weight=cfg.ce_weight,
+      kd_weight=cfg.kd_weight, where=keep, student_bias=bias, teacher_bias=t_bias,
+      chunk_size=cfg.chunk_size, return_stats=True)
+  loss = loss + aux_ce
+  if not return_stats:
+    return loss
+  mean = lambda v: jnp.sum(jnp.where(keep, v, 0.0)) / count
+  metrics = {"ce": -mean(stats["student_logp_label"]), "kl": mean(stats["divergence"]),
+             "weight_mean": mean(stats["weights"])}
+  if cfg.needs_aux_head:
+    metrics["aux_ce"] = aux_ce
+  return loss, (metrics, stats)
 
 
-def teacher_step(state: LMState, batch: dict, *, model: nn.Module,
-                 tx: optax.GradientTransformation, chunk_size: int = 1024):
-  """One AdamW step on the CE; metrics {loss, tokens, grad_norm}."""
-  (loss, count), grads = jax.value_and_grad(teacher_loss, has_aux=True)(
-      state.params, batch, model=model, chunk_size=chunk_size)
-  metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
-  return _apply(state, grads, tx), metrics
-
-
-def distill_loss_fn(params, teacher_params, batch, *, student: nn.Module,
-                    teacher: nn.Module, cfg: DistillConfig, return_stats: bool = False):
-  """`jaxkd.lm.distill_loss` of the student (`params`) against the frozen teacher."""
-  t_hidden, t_kernel, t_bias = jax.lax.stop_gradient(
-      _forward(teacher, teacher_params, batch["tokens"]))
-  hidden, kernel, bias = _forward(student, params, batch["tokens"])
-  return lm.distill_loss(hidden, kernel, t_hidden, t_kernel, batch["targets"],
-                         temperature=cfg.temperature, divergence=cfg.divergence,
-                         weighting=cfg.weighting,
-                         weighting_temperature=cfg.weighting_temperature,
-                         ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
-                         where=batch["mask"], student_bias=bias, teacher_bias=t_bias,
-                         chunk_size=cfg.chunk_size, return_stats=return_stats)
-
-
-def distill_step(state: LMState, teacher_params, batch: dict, *, student: nn.Module,
-                 teacher: nn.Module, tx: optax.GradientTransformation, cfg: DistillConfig):
-  """One AdamW step of the student; metrics {loss, ce, kl, weight_mean, tokens, grad_norm}
-  (ce and kl: token means of the student's CE and of the divergence at τ)."""
-  def loss_fn(p):
-    return distill_loss_fn(p, teacher_params, batch, student=student, teacher=teacher,
+def train_step(states: tuple[LMState, ...], teacher_params, batch: dict, *,
+               student: nn.Module, teacher: nn.Module | None,
+               tx: optax.GradientTransformation, cfgs: tuple[DistillConfig, ...]):
+  """One AdamW step of every student in `states` (objectives `cfgs`, one each) on the same
+  batch; the teacher's forward runs once for all of them. A teacher run is one "ce" student
+  and no teacher. Returns (states, per student {loss, tokens, grad_norm, ce, ...})."""
+  teacher_out = None
+  if any(c.uses_teacher for c in cfgs):
+    teacher_out = teacher_forward(teacher, teacher_params, batch["tokens"])
+  new_states, metrics = [], []
+  count = jnp.sum(batch["mask"]).astype(jnp.float32)
+  for state, cfg in zip(states, cfgs):
+    fn = functools.partial(member_loss, teacher_out=teacher_out, batch=batch, student=student,
                            cfg=cfg, return_stats=True)
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  keep = batch["mask"]
-  count = jnp.sum(keep).astype(jnp.float32)
-  mean = lambda v: jnp.sum(jnp.where(keep, v, 0.0)) / jnp.maximum(count, 1.0)
-  metrics = {"loss": loss, "ce": -mean(stats["student_logp_label"]),
-             "kl": mean(stats["divergence"]), "weight_mean": mean(stats["weights"]),
-             "tokens": count, "grad_norm": optax.tree.norm(grads)}
-  return _apply(state, grads, tx), metrics
-
-
-def _log_softmax_stats(z, y):
-  """(log-probs [n, V], log p(y) [n]) of float32 logits z."""
-  logp = jax.nn.log_softmax(z, axis=-1)
-  return logp, jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+    (loss, (m, _)), grads = jax.value_and_grad(fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_states.append(LMState(state.step + 1, optax.apply_updates(state.params, updates),
+                              opt_state))
+    metrics.append({"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), **m})
+  return tuple(new_states), tuple(metrics)
 
 
 def eval_sums(params, batch, *, model: nn.Module, teacher: nn.Module | None = None,
@@ -234,31 +294,30 @@ def eval_sums(params, batch, *, model: nn.Module, teacher: nn.Module | None = No
               chunk_size: int = 1024) -> dict:
   """Sums over the batch's kept tokens (no gradient), to add up over an eval pass.
 
-  Returns float32 {"nll", "hits", "tokens"}, and with a teacher also {"kl" (Σ KL(p_t ‖ p_s)
-  at τ = 1), "bucket_tokens", "bucket_nll", "bucket_weight"} ([num_buckets] each, by the
-  teacher's entropy at τ = 1 in equal bins of [0, ln V]; the weights are `cfg`'s method's,
-  from `jaxkd.lm.distill_loss`'s statistics). Perplexity = exp(nll / tokens).
+  `params` is a state's params ({"model", ...}). Returns float32 {"nll", "hits",
+  "tokens"}, and with a teacher also {"kl" (Σ KL(p_t ‖ p_s) at τ = 1), "bucket_tokens",
+  "bucket_nll", "bucket_weight"} ([num_buckets] each, by the teacher's entropy at τ = 1 in
+  equal bins of [0, ln V]; the weights are `cfg`'s method's, as its loss computes them).
+  Perplexity = exp(nll / tokens).
   """
   keep = batch["mask"].reshape(-1)
-  hidden, kernel, bias = _forward(model, params, batch["tokens"])
+  hidden, kernel, bias = _forward(model, params["model"], batch["tokens"])
   vocab = kernel.shape[1]
   flat = lambda x: x.reshape(-1, x.shape[-1])
   xs = {"h": flat(hidden), "y": batch["targets"].reshape(-1).astype(jnp.int32)}
   if teacher is not None:
-    t_hidden, t_kernel, t_bias = _forward(teacher, teacher_params, batch["tokens"])
-    xs["t"] = flat(t_hidden)
+    teacher_out = teacher_forward(teacher, teacher_params, batch["tokens"])
+    t_kernel, t_bias = teacher_out[1:]
+    xs["t"] = flat(teacher_out[0])
   chunk = max(1, min(int(chunk_size), keep.shape[0]))
   chunks = {k: _chunks(v, chunk, 0) for k, v in xs.items()}
 
-  def logits(h, w, b):
-    z = jnp.einsum("nh,hv->nv", h, w, preferred_element_type=jnp.float32)
-    return z if b is None else z + b.astype(jnp.float32)
-
   def one(c):
-    logp, logp_y = _log_softmax_stats(logits(c["h"], kernel, bias), c["y"])
+    logp = jax.nn.log_softmax(_logits(c["h"], kernel, bias), axis=-1)
+    logp_y = jnp.take_along_axis(logp, c["y"][:, None], axis=-1)[:, 0]
     out = {"nll": -logp_y, "hit": jnp.argmax(logp, -1) == c["y"]}
     if teacher is not None:
-      logq = jax.nn.log_softmax(logits(c["t"], t_kernel, t_bias), axis=-1)
+      logq = jax.nn.log_softmax(_logits(c["t"], t_kernel, t_bias), axis=-1)
       q = jnp.exp(logq)
       out["kl"] = jnp.sum(q * (logq - logp), -1)
       out["h_t"] = -jnp.sum(q * logq, -1)
@@ -270,9 +329,9 @@ def eval_sums(params, batch, *, model: nn.Module, teacher: nn.Module | None = No
          "tokens": jnp.sum(keep).astype(jnp.float32)}
   if teacher is None:
     return jax.lax.stop_gradient(out)
-  cfg = cfg or DistillConfig()
-  _, stats = distill_loss_fn(params, teacher_params, batch, student=model, teacher=teacher,
-                             cfg=cfg, return_stats=True)
+  cfg = cfg if cfg is not None and cfg.uses_teacher else DistillConfig()
+  _, (_, stats) = member_loss(params, teacher_out, batch, student=model, cfg=cfg,
+                              return_stats=True)
   bucket = jnp.clip(jnp.floor(per["h_t"] / math.log(vocab) * num_buckets), 0,
                     num_buckets - 1).astype(jnp.int32)
   onehot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.float32) * keep[:, None]

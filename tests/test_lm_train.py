@@ -1,0 +1,203 @@
+"""The language-model trainer end to end on Debian's fortunes (configs/lm.py:smoke).
+
+One smoke suite through the CLI (teacher, then the five students in one sweep) is shared by
+the tests below; they add a killed-and-resumed sweep, 1 vs 8 devices, FSDP vs replicated,
+the config errors, and real learning at a small scale. The corpus is prepared at vocabulary
+512 and rows of 32 tokens (seconds); without the package the tests skip (CI installs it).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import helpers
+from jaxkd import lm_config
+from jaxkd import sharding
+from jaxkd.data import datasets
+from jaxkd.data import text_builder
+from jaxkd.train import lm_export
+from jaxkd.train import lm_loop
+
+LM_CONFIG = os.path.join(helpers.REPO, "configs", "lm.py")
+METHODS = ("ce", "kd", "erkd", "eakd", "ipwd")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("lm_data"))
+  try:
+    text_builder.ensure_fortunes(path, vocab_size=512, seq_len=32)
+  except datasets.DatasetNotFoundError as e:
+    if helpers.in_ci():
+      pytest.fail(f"The fortunes corpus is required (CI=true): {e}", pytrace=False)
+    pytest.skip(f"Debian package fortunes is not installed: {e}")
+  return path
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, data_dir):
+  """The smoke suite through the CLI: (workdir, stdout)."""
+  workdir = str(tmp_path_factory.mktemp("lm_suite"))
+  out = helpers.cli(["--config", f"{LM_CONFIG}:smoke", "--workdir", workdir,
+                     f"--config.data.data_dir={data_dir}"], timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out.stdout
+
+
+def _config(arg, data_dir, **fields):
+  c = helpers.config_module(LM_CONFIG).get_config(arg)
+  c.data.data_dir = data_dir
+  for k, v in fields.items():
+    target = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = v
+  return c
+
+
+def _params(folder):
+  meta = lm_export.read_metadata(folder)
+  like = jax.tree.map(np.asarray, _abstract(meta))
+  return lm_export.restore(folder, like, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(
+      jax.devices()[0]), like))
+
+
+def _abstract(meta):
+  from jaxkd.models import transformer
+  model = transformer.create_lm(meta["model"], meta["vocab_size"])
+  return jax.eval_shape(lambda k: model.init(k, np.zeros((1, 8), np.int32))["params"],
+                        jax.random.key(0))
+
+
+def test_cli_smoke_suite_writes_every_result(suite):
+  workdir, stdout = suite
+  table = open(os.path.join(workdir, "summary.md")).read()
+  for m in METHODS:
+    assert f"| {m} | lm_tiny | {m} |" in table, table
+  assert "| unigram |" in table and "Validation perplexity" in stdout
+  teacher = lm_export.read_metadata(os.path.join(workdir, "teacher", "model"))
+  assert teacher["model"] == "lm_tiny" and teacher["vocab_size"] == 512
+  sweep = json.load(open(os.path.join(workdir, "students", "summary.json")))
+  assert sweep["format"] == "jaxkd-lm-sweep-1"
+  assert [s["method"] for s in sweep["members"]] == list(METHODS)
+  for s in sweep["members"]:
+    folder = os.path.join(workdir, "students", s["method"])
+    assert np.isfinite(s["val_ppl"]) and s["val_ppl"] < 512 * 1.2, s  # about uniform or better
+    assert s["teacher"]["val_ppl"] > 0 and s["unigram_ppl"] > 0
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    assert any("eval/val_ppl" in r for r in rows) and any("train/loss" in r for r in rows)
+    bins = s["last"]["by_teacher_entropy"]
+    assert len(bins) == 8 and abs(sum(b["token_share"] for b in bins) - 1) < 1e-6
+    assert lm_export.read_metadata(os.path.join(folder, "model"))["method"] == s["method"]
+  ipwd = [json.loads(line) for line in open(os.path.join(workdir, "students", "ipwd",
+                                                          "metrics.jsonl"))]
+  assert any("train/aux_ce" in r for r in ipwd)
+  # IPWD's weights are ≥ 1 (1 + a likelihood ratio); ER-KD's are the teacher's entropy.
+  by = {s["method"]: s["last"]["by_teacher_entropy"] for s in sweep["members"]}
+  assert all(b["weight_mean"] is None or b["weight_mean"] >= 1 for b in by["ipwd"])
+  for b in by["erkd"]:
+    if b["weight_mean"] is not None:
+      lo, hi = b["teacher_entropy"]
+      assert lo - 1e-3 <= b["weight_mean"] <= hi + 1e-3, b  # τ′ = τ = 1: w = H_t itself
+
+
+def _wait_for(path, proc, seconds=300):
+  deadline = time.time() + seconds
+  while time.time() < deadline and not os.path.exists(path):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  assert os.path.exists(path), f"{path} did not appear"
+
+
+def test_sigkill_resume_is_exact(suite, data_dir, tmp_path):
+  """A sweep killed after its first checkpoint resumes to bit-identical models."""
+  teacher = os.path.join(suite[0], "teacher", "model")
+  arg = f"distill,smoke,teacher_checkpoint={teacher}"
+  overrides = {"sweep": ("kd", "ipwd"), "steps": 9, "log_every_steps": 1}
+  whole = str(tmp_path / "whole")
+  lm_loop.train_and_evaluate(_config(arg, data_dir, **overrides), whole)
+  killed = str(tmp_path / "killed")
+  args = ["--config", f"{LM_CONFIG}:{arg}", "--workdir", killed,
+          f"--config.data.data_dir={data_dir}", "--config.sweep=('kd','ipwd')",
+          "--config.steps=9", "--config.log_every_steps=1"]
+  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=helpers.REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for(os.path.join(killed, "checkpoints", "3"), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  out = helpers.cli(args, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed from" in out.stdout
+  for m in ("kd", "ipwd"):
+    helpers.assert_trees_equal(_params(os.path.join(whole, m, "model")),
+                               _params(os.path.join(killed, m, "model")))
+    a, b = (json.load(open(os.path.join(w, m, "summary.json"))) for w in (whole, killed))
+    assert a["val_ppl"] == b["val_ppl"] and a["steps"] == b["steps"] == 9
+
+
+def test_one_device_eight_devices_and_fsdp_agree(data_dir, tmp_path):
+  """The same teacher run on 1 device, on 8 (batch sharded) and on 8 with FSDP."""
+  config = lambda **kw: _config("teacher,smoke", data_dir, **kw)
+  runs = {}
+  for name, devices, fsdp in (("one", jax.devices()[:1], False), ("eight", None, False),
+                              ("fsdp", None, True)):
+    runs[name] = lm_loop.train_and_evaluate(config(fsdp=fsdp), str(tmp_path / name),
+                                            devices=devices)
+    runs[name]["params"] = _params(str(tmp_path / name / "model"))
+  for name in ("eight", "fsdp"):
+    helpers.assert_trees_equal(runs["one"]["params"], runs[name]["params"], rtol=2e-4,
+                               atol=2e-6)
+    assert abs(runs[name]["val_ppl"] - runs["one"]["val_ppl"]) < 1e-3 * runs["one"]["val_ppl"]
+  info = json.load(open(tmp_path / "fsdp" / "run_info.json"))
+  assert info["fsdp"] is True and len(info["devices"]) == 8
+
+
+def test_fsdp_shards_what_is_large():
+  mesh = sharding.make_mesh()
+  tree = {"embed": jax.ShapeDtypeStruct((512, 32), np.float32),
+          "odd": jax.ShapeDtypeStruct((33, 31), np.float32),
+          "scale": jax.ShapeDtypeStruct((32,), np.float32),
+          "step": jax.ShapeDtypeStruct((), np.int32)}
+  specs = {k: v.spec for k, v in sharding.fsdp_sharded(tree, mesh).items()}
+  assert specs["embed"] == jax.sharding.PartitionSpec("data")
+  assert specs["odd"] == specs["scale"] == specs["step"] == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"method": "dkd"}, "unknown language-model method 'dkd'"),
+    ({"mode": "teacher", "sweep": ("kd",)}, "config.sweep is for distillation"),
+    ({"sweep": ("kd", "kd")}, "names a method twice"),
+    ({"teacher.checkpoint": ""}, "teacher.checkpoint is empty"),
+    ({"teacher.checkpoint": "/nonexistent"}, "is not a language-model folder"),
+    ({"batch_size": 12}, "not divisible by the 8 devices"),
+    ({"data.vocab_size": 100}, "too small"),
+    ({"warmup_steps": 6}, "warmup_steps must be"),
+    ({"model": "resnet8x4"}, "is not a language model"),
+    ({"loss.divergence": "kl"}, "loss.divergence must be one of"),
+])
+def test_config_errors_name_the_field(fields, message):
+  c = _config("distill,smoke,teacher_checkpoint=/nonexistent", None)
+  for k, v in fields.items():
+    target = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = v
+  with pytest.raises(lm_config.ConfigError, match=message):
+    lm_config.validate(c, device_count=8)
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(suite, data_dir, tmp_path):
+  teacher = os.path.join(suite[0], "teacher", "model")
+  c = _config(f"distill,smoke,teacher_checkpoint={teacher}", data_dir, **{"data.vocab_size": 600})
+  with pytest.raises(lm_export.LMModelError, match="another tokenizer"):
+    lm_loop.train_and_evaluate(c, str(tmp_path / "w"))
