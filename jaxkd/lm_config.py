@@ -176,8 +176,6 @@ def validate(config, *, device_count: int, teacher_from_suite: bool = False) -> 
     if name not in known:
       raise ConfigError(f"config.{field}={name!r} is not a language model; known: "
                         f"{', '.join(known)}.")
-  if config.mode == "distill" and any(m != "ce" for m in names):
-    _check_teacher(config, teacher_from_suite)
   for name in ("batch_size", "eval_batch_size", "steps", "log_every_steps",
                "eval_every_steps"):
     _positive(config[name], name)
@@ -215,6 +213,8 @@ def validate(config, *, device_count: int, teacher_from_suite: bool = False) -> 
   _positive(config.loss.chunk_size, "loss.chunk_size")
   _positive(config.checkpoint.every_steps, "checkpoint.every_steps")
   _positive(config.checkpoint.keep, "checkpoint.keep")
+  if config.mode == "distill" and any(m != "ce" for m in names):
+    _check_teacher(config, teacher_from_suite)
 
 
 def _check_teacher(config, teacher_from_suite: bool) -> None:

@@ -52,7 +52,7 @@ def suite(tmp_path_factory, data_dir):
 
 
 def _config(arg, data_dir, **fields):
-  c = helpers.config_module(LM_CONFIG).get_config(arg)
+  c = helpers.config_module("lm").get_config(arg)
   c.data.data_dir = data_dir
   for k, v in fields.items():
     target = c
@@ -65,9 +65,9 @@ def _config(arg, data_dir, **fields):
 
 def _params(folder):
   meta = lm_export.read_metadata(folder)
-  like = jax.tree.map(np.asarray, _abstract(meta))
-  return lm_export.restore(folder, like, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(
-      jax.devices()[0]), like))
+  like = _abstract(meta)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return lm_export.restore(folder, like, jax.tree.map(lambda _: one, like))
 
 
 def _abstract(meta):
@@ -201,3 +201,24 @@ def test_a_teacher_of_another_vocabulary_is_refused(suite, data_dir, tmp_path):
   c = _config(f"distill,smoke,teacher_checkpoint={teacher}", data_dir, **{"data.vocab_size": 600})
   with pytest.raises(lm_export.LMModelError, match="another tokenizer"):
     lm_loop.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_real_learning_on_fortunes(data_dir, tmp_path):
+  """A 2 × 128 teacher trained 60 steps on the real corpus beats the unigram baseline by
+  far, and a 1 × 32 student distilled from it (KD, 60 steps) beats the same student trained
+  with CE alone on the same batches. On one device: 17 s. (The CPU preset's figures, at
+  vocabulary 8192 and 300 steps, are in docs/LM.md.)"""
+  one = jax.devices()[:1]
+  fields = {"steps": 60, "batch_size": 16, "eval_every_steps": 1000, "log_every_steps": 1000,
+            "checkpoint.every_steps": 1000, "optimizer.lr": 3e-3}
+  teacher = lm_loop.train_and_evaluate(
+      _config("teacher,smoke", data_dir, model="lm_student_cpu", **fields),
+      str(tmp_path / "teacher"), devices=one)
+  assert teacher["val_ppl"] < 0.7 * teacher["unigram_ppl"], teacher  # 114.6 vs 213.6
+  students = lm_loop.train_and_evaluate(
+      _config(f"distill,smoke,teacher_checkpoint={tmp_path / 'teacher' / 'model'}", data_dir,
+              sweep=("ce", "kd"), **{"teacher.model": "lm_student_cpu"}, **fields),
+      str(tmp_path / "students"), devices=one)
+  ce, kd = students["members"]
+  assert kd["val_ppl"] < 0.97 * ce["val_ppl"], (kd["val_ppl"], ce["val_ppl"])  # 178.7, 190.9
+  assert kd["val_kl"] < ce["val_kl"]
