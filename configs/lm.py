@@ -8,7 +8,8 @@ with next-token CE; `students` trains `lm_student_cpu` (2 × 128) five ways in o
 from that frozen teacher: CE alone (the baseline), KD, ER-KD, EA-KD and IPWD per token, the
 same batches and initialisation for each and one teacher forward per batch. At the end one
 table of validation perplexity per method, with the teacher and the unigram baseline
-(`runs/lm/summary.md`). About 20 minutes on an idle 2-core CPU (docs/LM.md#the-cpu-preset).
+(`runs/lm/summary.md`). About 15 minutes on the 2-core CPU: teacher 205 s, the five
+students 649 s in one program (docs/LM.md#the-cpu-preset).
 
 Presets (comma-separated, as `configs/lm.py:teacher,steps=100`):
   (none)        the suite above: `teacher`, then `students`.
@@ -17,11 +18,13 @@ Presets (comma-separated, as `configs/lm.py:teacher,steps=100`):
   smoke         tiny models, vocabulary 512, rows of 32 tokens, 6 steps: for tests.
   gpt2          GPU shapes: `gpt2_small` (12 × 768) teacher, `gpt2_mini` (6 × 384) student,
                 vocabulary 32768, rows of 1024, batch 32 (32k tokens per step), bf16,
-                10,000 steps each. Give it a larger corpus (`corpus=FOLDER` of .txt files):
-                fortunes is 0.75 M tokens. Cost, from the FLOPs (6·N·P per token plus the
-                teacher's 2·N·P): about 4.5 PFLOP for the teacher and 2.5 PFLOP for five
-                students, i.e. on the order of an hour each on one H100/H200 at 40% of
-                bf16 peak; not measured here (no GPU was available).
+                10,000 steps each (328 M tokens). Give it a larger corpus
+                (`corpus=FOLDER` of .txt files): fortunes is 0.75 M tokens. Cost from the
+                FLOPs (135 M and 36 M parameters at V = 32768; 6 per parameter per trained
+                token, attention included, plus the shared teacher forward): about
+                0.30 EFLOP for the teacher and 0.53 EFLOP for the five students, i.e.
+                about 13 and 22 minutes on one H100/H200 at 40% of its ~990 TFLOP/s bf16
+                peak. Not measured: no GPU was available to this project's CPU machines.
 Options: methods=a+b+c (the students' methods), method=M, steps=N (every run),
   teacher_checkpoint=PATH, corpus=FOLDER|fortunes, vocab=V, fsdp=true (parameters and
   optimizer state sharded over the devices).

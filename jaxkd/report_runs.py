@@ -72,10 +72,15 @@ def _sweep_members(summary: Any) -> list[str] | None:
   return None
 
 
+def _is_lm(summary: Any) -> bool:
+  """A language-model run's or sweep's summary: not read here (its table is summary.md)."""
+  return isinstance(summary, dict) and str(summary.get("format", "")).startswith("jaxkd-lm-")
+
+
 def _is_run(path: str) -> bool:
   summary = _maybe_json(os.path.join(path, "summary.json"))
-  if _sweep_members(summary) is not None:
-    return False  # its members' folders are the runs
+  if _sweep_members(summary) is not None or _is_lm(summary):
+    return False  # a sweep's members' folders are the runs
   return os.path.isfile(os.path.join(path, "metrics.jsonl")) or isinstance(summary, dict)
 
 
@@ -108,6 +113,11 @@ def find_runs(paths: list[str], depth: int = 3) -> list[str]:
       raise ReportError(f"{p} is not a folder; pass run folders (or a suite's workdir).")
     before = len(found)
     visit(p, depth)
+    if len(found) == before and any(_is_lm(_maybe_json(os.path.join(d, "summary.json")))
+                                    for d, _, _ in os.walk(p)):
+      raise ReportError(f"{p} holds language-model runs, which this report does not read: "
+                        f"their perplexity table is summary.md beside their summary.json "
+                        f"(docs/LM.md#training-from-the-command-line).")
     if len(found) == before:
       raise ReportError(f"{p} holds no run (no metrics.jsonl or summary.json in it or its "
                         f"subfolders); pass a run's --workdir or a suite's workdir.")

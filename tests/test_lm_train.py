@@ -19,7 +19,9 @@ import pytest
 
 from tests import helpers
 from jaxkd import lm_config
+from jaxkd import report_runs
 from jaxkd import sharding
+from jaxkd import suite as jsuite
 from jaxkd.data import datasets
 from jaxkd.data import text_builder
 from jaxkd.train import lm_export
@@ -100,6 +102,8 @@ def test_cli_smoke_suite_writes_every_result(suite):
   ipwd = [json.loads(line) for line in open(os.path.join(workdir, "students", "ipwd",
                                                           "metrics.jsonl"))]
   assert any("train/aux_ce" in r for r in ipwd)
+  with pytest.raises(report_runs.ReportError, match="language-model runs"):
+    report_runs.find_runs([workdir])  # the image report says where LM results are instead
   # IPWD's weights are ≥ 1 (1 + a likelihood ratio); ER-KD's are the teacher's entropy.
   by = {s["method"]: s["last"]["by_teacher_entropy"] for s in sweep["members"]}
   assert all(b["weight_mean"] is None or b["weight_mean"] >= 1 for b in by["ipwd"])
@@ -193,6 +197,16 @@ def test_config_errors_name_the_field(fields, message):
       target = target[p]
     target[leaf] = v
   with pytest.raises(lm_config.ConfigError, match=message):
+    lm_config.validate(c, device_count=8)
+
+
+@pytest.mark.parametrize("arg", ["", "smoke", "gpt2", "gpt2,fsdp=true,methods=kd+eakd",
+                                 "teacher,steps=50"])
+def test_every_preset_validates(arg):
+  c = helpers.config_module("lm").get_config(arg)
+  if c.get("suite"):
+    jsuite.validate(c, device_count=8)
+  else:
     lm_config.validate(c, device_count=8)
 
 
