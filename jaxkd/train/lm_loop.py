@@ -257,9 +257,14 @@ def _train(run: _Run, interrupt: interrupts.Interrupt) -> None:
   total, start = spec.steps, run.step
   progress = report.Progress(total, start, spec.batch_size * spec.seq_len, spec.progress_bar)
   pending = []
+  # XLA:CPU can deadlock when two programs with collectives are in flight on several CPU
+  # devices (the next batch's gather and this step): there, one step at a time.
+  serial = sharding.multi_device_cpu()
   try:
     for step in range(start, total):
       run.state, metrics = exp.train_step(run.state, exp.teacher_params, next(exp.train_data))
+      if serial:
+        jax.block_until_ready(run.state)
       done = step + 1
       pending.append(metrics)
       saving = _due(done, spec.checkpoint_every_steps, total) or interrupt.requested
