@@ -113,3 +113,21 @@ def test_sweep_benchmark_against_separate_runs(tmp_path):
     assert r["fraction_of_bound"] == r["speedup"] / r["bound"]
   md = open(only_file(tmp_path, "sweep-cpu-", "-smoke.md")).read()
   assert "| quick_teacher-quick_student | 8 | 3 × 2 |" in md
+
+
+def test_lm_train_benchmark_fused_against_materialised(tmp_path):
+  # Tiny shapes (--quick): the mechanics of both steps, their pairing and the memory fields.
+  run_script("bench_lm_train.py", "--quick", "--methods", "erkd", "eakd", "--out",
+             str(tmp_path), "--tag", "smoke")
+  report = json.load(open(only_file(tmp_path, "lm-train-cpu-", "-smoke.json")))
+  rows = report["rows"]
+  assert [(r["method"], r["impl"]) for r in rows] == [
+      ("erkd", "fused"), ("erkd", "materialised"), ("eakd", "fused"), ("eakd", "materialised")]
+  for r in rows:
+    assert r["params_finite"] and r["tokens_per_s"] > 0 and r["temp_bytes"] > 0, r
+    assert r["total_bytes"] >= r["temp_bytes"] and len(r["seconds_all"]) == r["rounds"]
+    # Same parameters and batch: the fused loss is the materialised one.
+    assert r["loss_step0_diff"] < 1e-4 * abs(r["loss_step0"]), r
+  assert {"load_before", "load_after", "gpu", "device"} <= set(report["meta"])
+  md = open(only_file(tmp_path, "lm-train-cpu-", "-smoke.md")).read()
+  assert "| erkd | fused |" in md and "| eakd | materialised |" in md and "GPU:" in md
