@@ -11,6 +11,9 @@
 #                                       # the model zoo (grouped convs: 'xla' vs 'split')
 #     bash benchmarks/gpu.sh sweep      # ~6 min: 6 methods x 1 and 5 seeds in one program
 #                                       # against 6 and 30 separate runs (bench_sweep.py)
+#     bash benchmarks/gpu.sh lm         # ~6 min: the fused LM loss against dense logits
+#                                       # (bench_lm_loss.py) and one LM distillation step,
+#                                       # fused vs materialised, GPT-2-small shapes (bench_lm_train.py)
 # Each stage writes its own files (named after the GPU), so stages can run in separate calls.
 #
 # The machine needs JAX with CUDA, flax, optax, orbax-checkpoint and torch (`pip install -e
@@ -79,8 +82,13 @@ case "$stage" in
     python3 benchmarks/bench_sweep.py --pairs resnet56-resnet20,resnet32x4-resnet8x4 \
       --batch 64,512 --seeds 1,5 --repeats 20 --out "$out"
     ;;
+  lm)
+    python3 benchmarks/bench_lm_loss.py --sizes 8192x32000x512 8192x128256x2048 \
+      --memory-sizes 8192x128256x2048 --out "$out"
+    python3 benchmarks/bench_lm_train.py --max-load 1000 --out "$out"
+    ;;
   *)
-    echo "unknown stage $stage: check | targets | matrix [bench_train_step.py args] | profile | sweep" >&2
+    echo "unknown stage $stage: check | targets | matrix [bench_train_step.py args] | profile | sweep | lm" >&2
     exit 2
     ;;
 esac
