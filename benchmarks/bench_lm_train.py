@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench_common import busy_cores, device_name, device_slug, RESULTS
+from bench_common import busy_core_seconds, busy_cores, device_name, device_slug, RESULTS
 from jaxkd import losses, weighting
 from jaxkd.models import transformer
 from jaxkd.train import lm_step
@@ -168,6 +168,8 @@ def run_setup(setup, methods, rounds):
   impls, teacher_params, batch = build(setup, methods)
   times = {key: [] for key in impls}
   cpu = {key: [] for key in impls}
+  load_start, busy_start = os.getloadavg(), busy_core_seconds()
+  wall_start, own_start = time.perf_counter(), time.process_time()
   for _ in range(rounds):
     for key, impl in impls.items():
       start, start_cpu = time.perf_counter(), time.process_time()
@@ -175,6 +177,13 @@ def run_setup(setup, methods, rounds):
       impl["states"] = jax.block_until_ready(states)
       times[key].append(time.perf_counter() - start)
       cpu[key].append(time.process_time() - start_cpu)
+  wall, own = time.perf_counter() - wall_start, time.process_time() - own_start
+  busy_end = busy_core_seconds()
+  # Other jobs' cores kept busy, on average over the rounds: all the machine's busy
+  # core-seconds less this process's own CPU time.
+  others = None if busy_start is None else round((busy_end - busy_start - own) / wall, 2)
+  during = dict(load_start=load_start, load_end=os.getloadavg(),
+                other_busy_cores=others, rounds_wall_s=wall)
   tokens = setup.batch * setup.seq_len
   rows = []
   for (method, impl), x in impls.items():
@@ -187,7 +196,7 @@ def run_setup(setup, methods, rounds):
                      rounds=rounds, tokens=tokens, seconds=t, seconds_all=times[(method, impl)],
                      cpu_seconds=statistics.median(cpu[(method, impl)]),
                      tokens_per_s=tokens / t, compile_s=x["compile_s"], loss_step0=x["loss0"],
-                     params_finite=finite, **x["memory"]))
+                     params_finite=finite, **during, **x["memory"]))
   for r in rows:
     dense = next(d for d in rows if d["method"] == r["method"] and d["impl"] == "materialised")
     r["time_vs_materialised"] = r["seconds"] / dense["seconds"]
@@ -241,6 +250,9 @@ def markdown(rows, meta):
     out += [f"## {name}: {r0['teacher']} -> {r0['student']}, V = {r0['vocab']}, "
             f"L = {r0['seq_len']}, batch {r0['batch']} ({r0['tokens']} tokens), "
             f"{r0['dtype']}, chunk {r0['chunk']}; {r0['rounds']} rounds", "",
+            f"During its rounds ({r0['rounds_wall_s']:.0f} s): 1-minute load "
+            f"{r0['load_start'][0]:.2f} -> {r0['load_end'][0]:.2f}; other jobs kept "
+            f"{r0['other_busy_cores']} of {os.cpu_count()} cores busy on average.", "",
             "| method | impl | step s | tokens/s | time vs mat. | CPU s | CPU vs mat. | "
             "temp MiB | vs mat. | total MiB | vs mat. | compile s | loss Δ |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
