@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -296,6 +297,16 @@ def train_run(config, workdir, devices=None):
   return train.train_and_evaluate(config, workdir, devices=devices or jax.devices()[:2])
 
 
+@functools.lru_cache(maxsize=None)
+def quick_teacher_dir() -> str:
+  """The model folder of a quick teacher trained 4 steps on `small_fashion_data_dir()`,
+  once per session: the distillation tests of several modules read it (its quality does not
+  matter to them, only that it is a real trainer-written teacher)."""
+  workdir = _session_dir("jaxkd-quick-teacher-")
+  train_run(quick_config(small_fashion_data_dir(), model="quick_teacher", steps=4), workdir)
+  return os.path.join(workdir, "model")
+
+
 def read_metrics(workdir, prefix="train/loss"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -355,6 +366,24 @@ def signal_cli_run(args, workdir, signum, after_rows, env=None):
   proc.send_signal(signum)
   out, err = proc.communicate(timeout=300)
   return proc.returncode, out, err
+
+
+def kill_after_checkpoint(args, checkpoints, at_least, env=None):
+  """Starts `python -m jaxkd.main ARGS`, SIGKILLs it once the folder `checkpoints` holds a
+  step >= `at_least`, and returns the newest step there (asserted to be one)."""
+  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  steps = lambda: ([int(d) for d in os.listdir(checkpoints) if d.isdigit()]
+                   if os.path.isdir(checkpoints) else [])
+  deadline = time.time() + 300
+  while time.time() < deadline and not (steps() and max(steps()) >= at_least):
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert steps(), "no checkpoint was written before the kill"
+  return max(steps())
 
 
 def run_cli_config(workdir, data_dir, steps, extra=()):

@@ -9,10 +9,6 @@ Tiny models on the session's small Fashion-MNIST-format data, a few steps.
 import functools
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.extend
@@ -27,7 +23,7 @@ from jaxkd import models
 from jaxkd.train import compare
 from jaxkd.train import step as jstep
 
-from helpers import REPO, assert_trees_equal, cli, quick_config, train_run
+from helpers import assert_trees_equal, cli, quick_config, train_run
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +32,9 @@ def small_dir():
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(small_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  train_run(quick_config(small_dir, model="quick_teacher", steps=4), workdir)
-  return os.path.join(workdir, "model")
+def teacher_dir():
+  """The session's 4-step quick teacher (helpers.quick_teacher_dir)."""
+  return helpers.quick_teacher_dir()
 
 
 def sweep_config(small_dir, teacher_dir, names, *, steps=4, seeds=2, members=None):
@@ -168,20 +163,7 @@ def test_a_killed_sweep_resumes_exactly_and_a_diverging_member_stops_alone(
 
   workdir = str(tmp_path / "killed")
   args = _sweep_cli(tmp_path, "killed", small_dir, teacher_dir, steps)
-  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    if done and max(done) >= 4:
-      break
-    assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  killed_at = helpers.kill_after_checkpoint(args, os.path.join(workdir, "checkpoints"), 4, env)
   assert killed_at < steps, "the run had finished before the kill"
   resumed = cli(args, env=env, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

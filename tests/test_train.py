@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -41,12 +40,10 @@ def small_dir():
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(small_dir, tmp_path_factory):
-  """A quick teacher trained for a few steps (its quality does not matter here)."""
-  workdir = str(tmp_path_factory.mktemp("teacher"))
-  c = quick_config(small_dir, model="quick_teacher", steps=4)
-  train_run(c, workdir)
-  return os.path.join(workdir, "model")
+def teacher_dir():
+  """A quick teacher trained for a few steps (its quality does not matter here), shared with
+  the other modules' distillation tests."""
+  return helpers.quick_teacher_dir()
 
 
 @pytest.mark.parametrize("mode,method", [
@@ -102,16 +99,36 @@ def test_host_pipeline_matches_device_path(small_dir, tmp_path):
                              rtol=1e-5)
 
 
-def test_one_device_and_eight_devices_agree(small_dir, tmp_path):
+CLI_STEPS = 5  # the runs that compare device and process counts
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(small_dir, tmp_path_factory):
+  """The teacher folder of one CLI run of CLI_STEPS steps in a fresh process with 8 virtual
+  devices: the reference of both the 1-device run and the two-process run below.
+
+  XLA:CPU now and then aborts an 8-device run ("Termination timeout",
+  docs/NOTES.md#xlacpu-collective-hangs): such a run is retried."""
+  root = tmp_path_factory.mktemp("dev8")
+  for attempt in range(3):
+    workdir = str(root / f"run{attempt}")
+    result = cli(run_cli_config(workdir, small_dir, CLI_STEPS),
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=600)
+    if "Termination timeout" not in result.stderr:
+      break
+  assert result.returncode == 0, result.stderr[-3000:]
+  return os.path.join(workdir, "teacher")
+
+
+def test_one_device_and_eight_devices_agree(small_dir, eight_device_run, tmp_path):
   """The same run (fresh processes) on 1 and on 8 virtual devices: the same losses and
   parameters within float tolerance."""
-  runs = {}
-  for n in (1, 8):
-    workdir = str(tmp_path / f"dev{n}")
-    result = cli(run_cli_config(workdir, small_dir, 5),
-                 env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs[n] = os.path.join(workdir, "teacher")
+  runs = {8: eight_device_run}
+  workdir = str(tmp_path / "dev1")
+  result = cli(run_cli_config(workdir, small_dir, CLI_STEPS),
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  runs[1] = os.path.join(workdir, "teacher")
   one, eight = read_metrics(runs[1]), read_metrics(runs[8])
   assert len(one) == len(eight) == 5
   np.testing.assert_allclose([v for _, v in one], [v for _, v in eight], rtol=1e-4)
@@ -172,7 +189,11 @@ def test_cli_rejects_bad_configs_with_exit_code_2(tmp_path, overrides, message):
   assert not os.path.exists(tmp_path / "never-created")
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(small_dir, tmp_path):
+def test_resume_after_sigkill_and_ctrl_c_matches_an_uninterrupted_run(small_dir, tmp_path):
+  """SIGKILL after a checkpoint, then the rerun resumes; that rerun is stopped with Ctrl-C
+  (SIGINT): the step in flight finishes, a checkpoint of it is saved, exit code 130; the
+  second rerun resumes from that step. The run ends bit-equal to an uninterrupted one, with
+  the same losses at every step after the kill: a fault in either resume would show."""
   steps = 40
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   full = cli(run_cli_config(str(tmp_path / "full"), small_dir, steps), env=env, timeout=600)
@@ -180,49 +201,31 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(small_dir, tmp_path):
 
   workdir = str(tmp_path / "killed")
   args = run_cli_config(workdir, small_dir, steps)
-  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt = os.path.join(workdir, "teacher", "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    done = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    if done and max(done) >= 6:
-      break
-    assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  killed_at = helpers.kill_after_checkpoint(args, ckpt, 6, env)
   assert killed_at < steps, "the run had finished before the kill"
   assert not os.path.exists(os.path.join(workdir, "teacher", "model"))
 
+  # The rerun after the kill, interrupted once it has logged 3 rows past what the killed
+  # run left in metrics.jsonl (so after it resumed and trained on).
+  logged = sum(1 for _ in open(os.path.join(workdir, "teacher", "metrics.jsonl")))
+  returncode, out, err = helpers.signal_cli_run(args, workdir, signal.SIGINT, logged + 3, env)
+  assert returncode == 130, err[-3000:]
+  assert f"Resumed from {ckpt}/{killed_at}" in out, out[-2000:]
+  assert "Interrupted: saved step" in out, out[-2000:]
+  saved = int(out.split("Interrupted: saved step ")[1].split()[0])
+  assert killed_at < saved < steps
+  assert saved in [int(d) for d in os.listdir(ckpt) if d.isdigit()]
+
   resumed = cli(args, env=env, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from" in resumed.stdout
+  assert f"Resumed from {ckpt}/{saved}" in resumed.stdout
   assert_trees_equal(load_params(str(tmp_path / "full" / "teacher")),
                      load_params(os.path.join(workdir, "teacher")))
   full_losses = dict(read_metrics(str(tmp_path / "full" / "teacher")))
   resumed_losses = dict(read_metrics(os.path.join(workdir, "teacher")))
   for step in range(killed_at + 1, steps + 1):
     assert resumed_losses[step] == full_losses[step]
-
-  # Ctrl-C: the step in flight finishes, a checkpoint of it is saved, exit code 130; the
-  # rerun resumes from that step and ends bit-equal too.
-  workdir = str(tmp_path / "interrupted")
-  args = run_cli_config(workdir, small_dir, steps)
-  returncode, out, err = helpers.signal_cli_run(args, workdir, signal.SIGINT, 5, env)
-  assert returncode == 130, err[-3000:]
-  assert "Interrupted: saved step" in out, out[-2000:]
-  saved = int(out.split("Interrupted: saved step ")[1].split()[0])
-  assert 0 < saved < steps
-  assert saved in [int(d) for d in os.listdir(os.path.join(workdir, "teacher", "checkpoints"))
-                   if d.isdigit()]
-  resumed = cli(args, env=env, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"Resumed from {os.path.join(workdir, 'teacher', 'checkpoints')}/{saved}" in resumed.stdout
-  assert_trees_equal(load_params(str(tmp_path / "full" / "teacher")),
-                     load_params(os.path.join(workdir, "teacher")))
 
 
 def test_a_checkpoint_of_another_run_is_refused_clearly(small_dir, tmp_path):
@@ -300,21 +303,16 @@ def run_two_processes(workdir, data_dir, steps, timeout):
       p.kill()
 
 
-def test_two_processes_agree_with_one(small_dir, tmp_path):
+def test_two_processes_agree_with_one(small_dir, eight_device_run, tmp_path):
   """Two processes on localhost (one CPU device each, Gloo between them) train a few steps
-  like one process with 8 devices: the same global batches, the same losses.
+  like one process with 8 devices (the module's `eight_device_run`): the same global
+  batches, the same losses.
 
   XLA:CPU now and then aborts ("Termination timeout") or hangs in a collective of an
   evaluation program, more often with several CPU devices per process
   (docs/NOTES.md#xlacpu-collective-hangs). So: one device per process, and a run that XLA
   aborts or that hangs is retried; nothing of jaxkd's runs in those threads."""
-  steps = 4
-  for attempt in range(3):
-    single_dir = str(tmp_path / f"single{attempt}")
-    single = cli(run_cli_config(single_dir, small_dir, steps), timeout=600)
-    if "Termination timeout" not in single.stderr:
-      break
-  assert single.returncode == 0, single.stderr[-3000:]
+  steps = CLI_STEPS
   for attempt in range(3):  # a run takes ~35 s on 2 cores
     workdir = str(tmp_path / f"multi{attempt}")
     results = run_two_processes(workdir, small_dir, steps, timeout=180)
@@ -323,7 +321,7 @@ def test_two_processes_agree_with_one(small_dir, tmp_path):
   assert results is not None, "two processes hung three times"
   for returncode, err in results:
     assert returncode == 0, err[-3000:]
-  one = read_metrics(os.path.join(single_dir, "teacher"))
+  one = read_metrics(eight_device_run)
   two = read_metrics(os.path.join(workdir, "teacher"))
   assert len(one) == len(two) == steps
   np.testing.assert_allclose([v for _, v in one], [v for _, v in two], rtol=1e-4)
