@@ -102,7 +102,8 @@ def test_the_teacher_runs_once_per_seed_whatever_the_number_of_members():
                        method=method)).objective)
   teacher = models.create("quick_teacher", 10)
   image = jnp.zeros((1, 28, 28, 1))
-  teacher_vars = teacher.init(jax.random.key(0), image, train=False)
+  # Shapes only: the jaxprs are traced, never run, so nothing is initialised for real.
+  teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), image, train=False))
   convs_of = lambda f, *a: _count(jax.make_jaxpr(f)(*a).jaxpr, "conv_general_dilated")
   per_teacher = convs_of(lambda v, x: teacher.apply(v, x, train=False), teacher_vars, image)
 
@@ -111,7 +112,7 @@ def test_the_teacher_runs_once_per_seed_whatever_the_number_of_members():
     init = lambda c: jax.vmap(functools.partial(
         jstep.init_train_state, c, image_shape=(28, 28, 1), feature_dim=models.feature_dim(
             "quick_student")))(jnp.stack([jax.random.key(s) for s in range(seeds)]))
-    states = tuple(init(c) for c in cfgs)
+    states = tuple(jax.eval_shape(lambda c=c: init(c)) for c in cfgs)
     batch = {"image": jnp.zeros((seeds, 8, 28, 28, 1)), "label": jnp.zeros((seeds, 8), jnp.int32),
              "index": jnp.zeros((seeds, 8), jnp.int32)}
     return convs_of(functools.partial(jstep.sweep_train_step, cfgs, seeds_per_vmap=1),
