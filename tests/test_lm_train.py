@@ -8,10 +8,6 @@ the config errors, and real learning at a small scale. The corpus is prepared at
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -113,14 +109,6 @@ def test_cli_smoke_suite_writes_every_result(suite):
       assert lo - 1e-3 <= b["weight_mean"] <= hi + 1e-3, b  # τ′ = τ = 1: w = H_t itself
 
 
-def _wait_for(path, proc, seconds=300):
-  deadline = time.time() + seconds
-  while time.time() < deadline and not os.path.exists(path):
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
-  assert os.path.exists(path), f"{path} did not appear"
-
-
 def test_sigkill_resume_is_exact(suite, data_dir, tmp_path):
   """A sweep killed after its first checkpoint resumes to bit-identical models."""
   teacher = os.path.join(suite[0], "teacher", "model")
@@ -132,12 +120,7 @@ def test_sigkill_resume_is_exact(suite, data_dir, tmp_path):
   args = ["--config", f"{LM_CONFIG}:{arg}", "--workdir", killed,
           f"--config.data.data_dir={data_dir}", "--config.sweep=('kd','ipwd')",
           "--config.steps=9", "--config.log_every_steps=1"]
-  proc = subprocess.Popen([sys.executable, "-m", "jaxkd.main", *args], cwd=helpers.REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for(os.path.join(killed, "checkpoints", "3"), proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
+  assert helpers.kill_after_checkpoint(args, os.path.join(killed, "checkpoints"), 3) < 9
   out = helpers.cli(args, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed from" in out.stdout
