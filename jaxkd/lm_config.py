@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -218,7 +219,6 @@ def validate(config, *, device_count: int, teacher_from_suite: bool = False) -> 
 
 
 def _check_teacher(config, teacher_from_suite: bool) -> None:
-  import os  # pylint: disable=g-import-not-at-top
   path = config.teacher.checkpoint
   if not path:
     raise ConfigError("config.teacher.checkpoint is empty: distillation needs the `model` "
