@@ -20,6 +20,7 @@ picked up as the latest step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -113,20 +114,7 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
       a.shape != b.shape for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))):
     raise ValueError(f"variables do not fit {spec.name} with num_classes={num_classes}")
   check_replaceable(directory, overwrite=overwrite)
-  parent, name = os.path.split(directory)
-  tmp, old = (os.path.join(parent, f".{name}.jaxkd-{kind}") for kind in ("tmp", "old"))
-  # Several processes save together (orbax needs every one of them); only the first touches
-  # the folders themselves, and the others wait for it.
-  if jax.process_index() == 0:
-    os.makedirs(parent, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save: never a model
-    os.makedirs(tmp)
-  _sync("jaxkd_model_variables_dir")
-
   variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), flax.core.unfreeze(variables))
-  with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
-    checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
-
   metadata = {
       "format": FORMAT,
       "model": spec.name,
@@ -137,17 +125,38 @@ def save_model_variables(directory: str | os.PathLike, variables: dict, *, model
       "num_params": _count(variables["params"]),
       "source": source,
   }
+  with replacing_folder(directory, "jaxkd_model_variables") as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
+      checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
+    if jax.process_index() == 0:
+      with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+        f.write("\n")
+  return metadata
+
+
+@contextlib.contextmanager
+def replacing_folder(directory: str, name: str):
+  """Yields an empty temporary sibling of `directory` to write a folder into; once the block
+  ends without error it replaces `directory` (an earlier folder there is removed), so an
+  interrupted write never leaves a half-written folder where a good one was. Every process
+  enters it together (orbax needs all of them); only process 0 touches the folders, and the
+  others wait for it (`name` names the two barriers)."""
+  parent, base = os.path.split(os.path.abspath(directory))
+  tmp, old = (os.path.join(parent, f".{base}.jaxkd-{kind}") for kind in ("tmp", "old"))
   if jax.process_index() == 0:
-    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-      json.dump(metadata, f, indent=2)
-      f.write("\n")
+    os.makedirs(parent, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write: never complete
+    os.makedirs(tmp)
+  _sync(f"{name}_dir")
+  yield tmp
+  if jax.process_index() == 0:
     shutil.rmtree(old, ignore_errors=True)
     if os.path.lexists(directory):
       os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
-  _sync("jaxkd_model_variables_done")
-  return metadata
+  _sync(f"{name}_done")
 
 
 def _sync(name: str) -> None:
@@ -295,6 +304,17 @@ def record_checksums(step_dir: str) -> None:
   with open(tmp, "w") as f:
     json.dump(sums, f, indent=0)
   os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+
+
+def record_saved_checksums(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Waits for the save in flight, then records the checksums of every step of `steps` still
+  on disk (not removed by keep=k); process 0 writes them."""
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    for step in steps:
+      where = step_directory(manager, step)
+      if os.path.isdir(where):
+        record_checksums(where)
 
 
 def has_checksums(step_dir: str) -> bool:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jaxkd import checkpoint
 from jaxkd.train import workdir as jworkdir
 
 FORMAT = "jaxkd-lm-model-1"
@@ -40,45 +41,27 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def save(directory: str, params: Any, *, model: str, vocab_size: int, tokenizer_path: str,
          **fields: Any) -> dict[str, Any]:
   """Writes `params` of `model` to `directory` (replacing an earlier export there);
   `fields` go into the metadata as they are (JSON). Returns the metadata."""
   directory = os.path.abspath(directory)
-  parent, name = os.path.split(directory)
-  tmp, old = (os.path.join(parent, f".{name}.jaxkd-{kind}") for kind in ("tmp", "old"))
   if os.path.exists(directory) and not os.path.isfile(os.path.join(directory, METADATA_FILE)):
     if os.listdir(directory):
       raise LMModelError(f"{directory} exists and is not a jaxkd language model; move it "
                          f"away, or use another --workdir.")
-  if jax.process_index() == 0:
-    os.makedirs(parent, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-  _sync("jaxkd_lm_export_dir")
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
-    checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
   meta = {"format": FORMAT, "model": model, "vocab_size": int(vocab_size),
           "tokenizer_sha256": file_sha256(tokenizer_path),
           "num_params": int(sum(x.size for x in jax.tree.leaves(params))), **fields}
-  if jax.process_index() == 0:
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
-    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-      json.dump(meta, f, indent=1)
-      f.write("\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.lexists(directory):
-      os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-  _sync("jaxkd_lm_export_done")
+  with checkpoint.replacing_folder(directory, "jaxkd_lm_export") as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:  # leaving the block waits for the write
+      checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+    if jax.process_index() == 0:
+      shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+      with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
   return meta
 
 

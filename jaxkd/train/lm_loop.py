@@ -204,12 +204,8 @@ class _Run:
       self.record_checksums()
 
   def record_checksums(self) -> None:
-    self.manager.wait_until_finished()
-    if jax.process_index() == 0:
-      for step in self._unchecked:
-        where = checkpoint.step_directory(self.manager, step)
-        if os.path.isdir(where):
-          checkpoint.record_checksums(where)
+    """Waits for the save in flight, then records the checksums of every completed step."""
+    checkpoint.record_saved_checksums(self.manager, self._unchecked)
     self._unchecked = []
 
   def log(self, done: int, pending: list, progress: report.Progress) -> None:

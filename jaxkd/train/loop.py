@@ -211,12 +211,7 @@ class _Run:
 
   def record_checksums(self) -> None:
     """Waits for the save in flight, then records the checksums of every completed step."""
-    self.manager.wait_until_finished()
-    if jax.process_index() == 0:
-      for step in self._unchecked:
-        where = checkpoint.step_directory(self.manager, step)
-        if os.path.isdir(where):  # not already removed by keep=k
-          checkpoint.record_checksums(where)
+    checkpoint.record_saved_checksums(self.manager, self._unchecked)
     self._unchecked = []
 
   def check_finite(self) -> None:
