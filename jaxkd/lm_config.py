@@ -182,6 +182,10 @@ def validate(config, *, device_count: int, teacher_from_suite: bool = False) -> 
     _positive(config[name], name)
   for name in ("vocab_size", "seq_len"):
     _positive(config.data[name], f"data.{name}")
+  if config.data.corpus != "fortunes" and not os.path.isdir(
+      os.path.expanduser(config.data.corpus)):
+    raise ConfigError(f"config.data.corpus={config.data.corpus!r} is neither \"fortunes\" "
+                      f"nor a folder; give a folder of UTF-8 .txt files.")
   if config.data.vocab_size < 300:
     raise ConfigError(f"config.data.vocab_size={config.data.vocab_size} is too small: the "
                       f"byte-level tokenizer needs 258 ids before any merge; use ≥ 300.")

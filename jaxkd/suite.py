@@ -83,14 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     what = (f"a sweep of {', '.join(jconfig.sweep_names(run_config))}"
             if jconfig.sweep_names(run_config) else run_config.method)
     print(f"== {name}: {run_config.mode} {run_config.model} ({what})", flush=True)
-    start = time.perf_counter()
-    try:
-      summary = train.train_and_evaluate(run_config, os.path.join(workdir, name))
-    except (jconfig.ConfigError, train.RunError) as e:
-      # Which run of the suite could not start: the others before it are done and kept.
-      e.args = (f"suite run {name!r}: {e}",) + e.args[1:]
-      raise
-    seconds = time.perf_counter() - start
+    summary, seconds = _train_run(train.train_and_evaluate, name, run_config, workdir)
     if summary.get("format") == compare.SUMMARY_FORMAT:  # a sweep: a row per member
       for i, m in enumerate(summary["members"]):
         rows.append({"run": m["name"], "path": f"{name}/{m['name']}", "mode": run_config.mode,
@@ -106,15 +99,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
                  "seconds": seconds, "images_per_sec": summary.get("images_per_sec")})
   table = format_table(rows, jax.devices()[0].device_kind)
   print("\n" + table, flush=True)
+  _write_summary(workdir, table, rows)
+  if jax.process_index() == 0:
+    from jaxkd import report  # deferred: matplotlib
+    where = report.write_report([workdir], os.path.join(workdir, "report"))["html"]
+    print(f"Report (tables and figures of every run): {where}", flush=True)
+  return rows
+
+
+def _train_run(train_and_evaluate, name: str, run_config, workdir: str
+               ) -> tuple[dict[str, Any], float]:
+  """(summary, seconds) of one run of the suite, in `workdir/<name>`; an error that stops it
+  names the run (the runs before it are done and kept)."""
+  from jaxkd.train import workdir as jworkdir  # deferred: the heavy imports
+  start = time.perf_counter()
+  try:
+    summary = train_and_evaluate(run_config, os.path.join(workdir, name))
+  except (jconfig.ConfigError, jworkdir.RunError) as e:
+    e.args = (f"suite run {name!r}: {e}",) + e.args[1:]
+    raise
+  return summary, time.perf_counter() - start
+
+
+def _write_summary(workdir: str, table: str, rows: list[dict[str, Any]]) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(table + "\n")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(rows, f, indent=1)
-    from jaxkd import report  # deferred: matplotlib
-    where = report.write_report([workdir], os.path.join(workdir, "report"))["html"]
-    print(f"Report (tables and figures of every run): {where}", flush=True)
-  return rows
 
 
 def _run_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -125,13 +137,7 @@ def _run_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
     members = lm_config.members(run_config)
     print(f"== {name}: {run_config.mode} {run_config.model} ({', '.join(members)})",
           flush=True)
-    start = time.perf_counter()
-    try:
-      summary = lm_loop.train_and_evaluate(run_config, os.path.join(workdir, name))
-    except (lm_config.ConfigError, lm_loop.jworkdir.RunError) as e:
-      e.args = (f"suite run {name!r}: {e}",) + e.args[1:]
-      raise
-    seconds = time.perf_counter() - start
+    summary, seconds = _train_run(lm_loop.train_and_evaluate, name, run_config, workdir)
     last = summary
     for s in summary.get("members", [summary]):
       row = lm_results.table_row(name if "members" not in summary else s["method"], s)
@@ -143,11 +149,7 @@ def _run_lm(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, A
       title=f"Validation perplexity per run ({jax.devices()[0].device_kind}; a sweep's "
             f"students train in one program)")
   print("\n" + table, flush=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-      f.write(table + "\n")
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(rows, f, indent=1)
+  _write_summary(workdir, table, rows)
   return rows
 
 

@@ -281,13 +281,18 @@ def quick_config(data_dir, *, mode="teacher", method="ce", steps=6, batch=32, **
   c.optimizer.milestones = ()
   c.optimizer.schedule = "cosine"
   c.optimizer.nesterov = True
-  for key, value in overrides.items():
-    node = c
+  return set_fields(c, overrides)
+
+
+def set_fields(config, fields):
+  """Sets dotted fields ("optimizer.lr": 0.1) of a ConfigDict; returns it."""
+  for key, value in fields.items():
+    node = config
     *path, last = key.split(".")
     for p in path:
       node = node[p]
     node[last] = value
-  return c
+  return config
 
 
 def train_run(config, workdir, devices=None):

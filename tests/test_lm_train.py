@@ -52,13 +52,7 @@ def suite(tmp_path_factory, data_dir):
 def _config(arg, data_dir, **fields):
   c = helpers.config_module("lm").get_config(arg)
   c.data.data_dir = data_dir
-  for k, v in fields.items():
-    target = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
-  return c
+  return helpers.set_fields(c, fields)
 
 
 def _params(folder):
@@ -170,15 +164,10 @@ def test_fsdp_shards_what_is_large():
     ({"warmup_steps": 6}, "warmup_steps must be"),
     ({"model": "resnet8x4"}, "is not a language model"),
     ({"loss.divergence": "kl"}, "loss.divergence must be one of"),
+    ({"data.corpus": "/nonexistent/texts"}, "data.corpus='/nonexistent/texts' is neither"),
 ])
 def test_config_errors_name_the_field(fields, message):
-  c = _config("distill,smoke,teacher_checkpoint=/nonexistent", None)
-  for k, v in fields.items():
-    target = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
+  c = _config("distill,smoke,teacher_checkpoint=/nonexistent", None, **fields)
   with pytest.raises(lm_config.ConfigError, match=message):
     lm_config.validate(c, device_count=8)
 
