@@ -16,10 +16,8 @@ import sys
 import pytest
 
 import helpers
-from helpers import REPO, cli, run_cli_config
+from helpers import ONE_DEVICE, REPO, cli, run_cli_config
 from jaxkd.train import workdir as jworkdir
-
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 @pytest.fixture(scope="module")

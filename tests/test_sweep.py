@@ -152,7 +152,7 @@ def test_a_killed_sweep_resumes_exactly_and_a_diverging_member_stops_alone(
   """A member whose loss overflows (kd_weight 1e38) is frozen and reported; the others
   train on. SIGKILL after a checkpoint, rerun: every member ends bit-equal to an
   uninterrupted sweep."""
-  steps, env = 8, {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  steps, env = 8, helpers.ONE_DEVICE
   full = cli(_sweep_cli(tmp_path, "full", small_dir, teacher_dir, steps), env=env, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
   assert "Student hot seed 0 diverged (NaN or inf) at step 1" in full.stdout, full.stdout[-3000:]

@@ -113,7 +113,7 @@ def eight_device_run(small_dir, tmp_path_factory):
   for attempt in range(3):
     workdir = str(root / f"run{attempt}")
     result = cli(run_cli_config(workdir, small_dir, CLI_STEPS),
-                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=600)
+                 env=helpers.EIGHT_DEVICES, timeout=600)
     if "Termination timeout" not in result.stderr:
       break
   assert result.returncode == 0, result.stderr[-3000:]
@@ -126,7 +126,7 @@ def test_one_device_and_eight_devices_agree(small_dir, eight_device_run, tmp_pat
   runs = {8: eight_device_run}
   workdir = str(tmp_path / "dev1")
   result = cli(run_cli_config(workdir, small_dir, CLI_STEPS),
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, timeout=600)
+               env=helpers.ONE_DEVICE, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   runs[1] = os.path.join(workdir, "teacher")
   one, eight = read_metrics(runs[1]), read_metrics(runs[8])
@@ -183,7 +183,7 @@ def test_cli_rejects_bad_configs_with_exit_code_2(tmp_path, overrides, message):
   if "teacher.checkpoint" not in overrides[0]:
     base.append(f"--config.teacher.checkpoint={tmp_path}")  # exists; never read
   result = cli(base + overrides,
-               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=120)
+               env=helpers.EIGHT_DEVICES, timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr, result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "never-created")
@@ -195,7 +195,7 @@ def test_resume_after_sigkill_and_ctrl_c_matches_an_uninterrupted_run(small_dir,
   second rerun resumes from that step. The run ends bit-equal to an uninterrupted one, with
   the same losses at every step after the kill: a fault in either resume would show."""
   steps = 40
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = helpers.ONE_DEVICE
   full = cli(run_cli_config(str(tmp_path / "full"), small_dir, steps), env=env, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
 
@@ -291,8 +291,7 @@ def run_two_processes(workdir, data_dir, steps, timeout):
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"))
       procs.append(subprocess.Popen(
           [sys.executable, "-m", "jaxkd.main", *args], cwd=REPO,
-          env={**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+          env=helpers.cli_env(),
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=timeout)[1] for p in procs]
     return [(p.returncode, err) for p, err in zip(procs, errs)]
