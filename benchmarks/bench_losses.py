@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -113,18 +114,21 @@ def torch_objectives(torch):
 
 
 def median_times(fn, repeats, warmup=1):
-  """(wall, CPU) seconds of `fn` (which must synchronise), each the median of `repeats` calls
-  after `warmup`. CPU: the process's user + system time over the call (all its threads),
-  which other jobs on a shared machine move less than the wall-clock."""
+  """(wall, CPU, faults) of `fn` (which must synchronise), each the median of `repeats` calls
+  after `warmup`. CPU: the process's user + system seconds over the call (all its threads),
+  which other jobs on a shared machine move less than the wall-clock. Faults: minor page
+  faults per call; thousands mean a buffer the allocator mapped afresh (docs/NOTES.md)."""
   for _ in range(warmup):
     fn()
-  wall, cpu = [], []
+  wall, cpu, faults = [], [], []
   for _ in range(repeats):
+    start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     wall.append(time.perf_counter() - start)
     cpu.append(time.process_time() - start_cpu)
-  return statistics.median(wall), statistics.median(cpu)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
+  return statistics.median(wall), statistics.median(cpu), statistics.median(faults)
 
 
 def make_inputs(shape, dtype, seed=0):
@@ -217,6 +221,7 @@ def main(argv=None):
                       help="runs per objective per round at the LM size (4x1024x32000)")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--out", default=str(RESULTS))
+  parser.add_argument("--tag", default="", help="suffix of the result files' names")
   parser.add_argument("--hlo-passes", metavar="SIZE", default=None,
                       help="print the HLO memory sweeps of every objective at SIZE as JSON")
   args = parser.parse_args(argv)
@@ -242,15 +247,16 @@ def main(argv=None):
     repeats = args.repeats_large if len(shape) == 3 else args.repeats
     runners = {n: (jax_runner(jobj[n], inputs, dtype),
                    torch_runner(torch, tobj[n], inputs, dtype) if torch else None) for n in names}
-    times = {n: ([], [], []) for n in names}  # jax wall, jax CPU, torch wall
+    times = {n: ([], [], [], []) for n in names}  # jax wall, jax CPU, torch wall, jax faults
     loads = []
     for _ in range(args.rounds):
       loads.append(dict(load_average=round(os.getloadavg()[0], 2), busy_cores=busy_cores(0.5)))
       for name in names:
         jr, tr = runners[name]
-        wall, cpu = median_times(jr, repeats)
+        wall, cpu, faults = median_times(jr, repeats)
         times[name][0].append(wall)
         times[name][1].append(cpu)
+        times[name][3].append(faults)
         if tr is not None:
           times[name][2].append(median_times(tr, repeats)[0])
     for name in names:
@@ -260,6 +266,7 @@ def main(argv=None):
                  jax_ms_rounds=[t * 1e3 for t in times[name][0]],
                  jax_cpu_ms=statistics.median(times[name][1]) * 1e3,
                  jax_cpu_ms_rounds=[t * 1e3 for t in times[name][1]],
+                 jax_faults_rounds=times[name][3],
                  torch_ms=None if tt is None else tt * 1e3,
                  speedup=None if tt is None else tt / jt, load=loads)
       rows.append(row)
@@ -278,7 +285,8 @@ def main(argv=None):
 
 def write_results(rows, device, args):
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"losses-{device_slug(device)}")
+  stem = os.path.join(args.out, f"losses-{device_slug(device)}"
+                      + (f"-{args.tag}" if args.tag else ""))
   meta = dict(device=device, jax=jax.__version__, repeats=args.repeats, rounds=args.rounds,
               repeats_large=args.repeats_large,
               timestamp=time.strftime("%Y-%m-%d %H:%M:%S"), python=sys.version.split()[0],
@@ -297,14 +305,15 @@ def write_results(rows, device, args):
            "speed-up = torch time / jaxkd time; / KD = jaxkd time over plain KD's of the same "
            "size (/ DKD: over plain DKD's, for the DKD family); CPU: the process's user + "
            "system time per call (all threads), which other jobs move less than the "
-           "wall-clock. Load: the 1-minute load average "
+           "wall-clock; faults: the minor page faults of a call (thousands: a buffer mapped "
+           "afresh, 5-10 ms at 8192x1000). Load: the 1-minute load average "
            "and the cores other jobs kept busy (`busy_cores`) before each round, on a machine "
            f"of {os.cpu_count()} cores."
            + ("" if any(r["torch_ms"] is not None for r in rows)
               else " PyTorch was not run this time (--no-torch)."), "",
            "| size | dtype | objective | jaxkd ms | / KD | / DKD | CPU ms | CPU / KD | "
-           "torch eager ms | speed-up |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "faults/call per round | torch eager ms | speed-up |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     fmt = lambda v: "-" if v is None else f"{v:.2f}x"
     lines.append(
@@ -312,6 +321,7 @@ def write_results(rows, device, args):
         f"{fmt(r.get('ratio_to_kd'))} | "
         f"{fmt(r.get('ratio_to_dkd') if 'DKD' in r['objective'] else None)} | "
         f"{r['jax_cpu_ms']:.3f} | {fmt(r.get('cpu_ratio_to_kd'))} | "
+        f"{', '.join(str(round(f)) for f in r.get('jax_faults_rounds', [])) or '-'} | "
         + ("-" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}") + " | "
         + fmt(r["speedup"]) + " |")
   lines += ["", "| size | load average before each round | other jobs' busy cores |",
