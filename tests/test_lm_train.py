@@ -109,16 +109,15 @@ def test_sigkill_resume_is_exact(suite, data_dir, tmp_path):
   arg = f"distill,smoke,teacher_checkpoint={teacher}"
   overrides = {"sweep": ("kd", "ipwd"), "steps": 9, "log_every_steps": 1}
   whole = str(tmp_path / "whole")
-  lm_loop.train_and_evaluate(_config(arg, data_dir, **overrides), whole)
+  # One device, as the command-line runs below have (helpers.cli_env).
+  lm_loop.train_and_evaluate(_config(arg, data_dir, **overrides), whole,
+                             devices=jax.devices()[:1])
   killed = str(tmp_path / "killed")
   args = ["--config", f"{LM_CONFIG}:{arg}", "--workdir", killed,
           f"--config.data.data_dir={data_dir}", "--config.sweep=('kd','ipwd')",
           "--config.steps=9", "--config.log_every_steps=1"]
-  # The uninterrupted run trained in this process, on its 8 devices: so do the killed one and
-  # its resumption.
-  eight = helpers.EIGHT_DEVICES
-  assert helpers.kill_after_checkpoint(args, os.path.join(killed, "checkpoints"), 3, eight) < 9
-  out = helpers.cli(args, env=eight, timeout=600)
+  assert helpers.kill_after_checkpoint(args, os.path.join(killed, "checkpoints"), 3) < 9
+  out = helpers.cli(args, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed from" in out.stdout
   for m in ("kd", "ipwd"):
