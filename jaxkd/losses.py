@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import _logits
 from jaxkd._logits import Array
@@ -181,7 +182,9 @@ def dkd_divergence(student_logits: Array, teacher_logits: Array, labels: Array, 
 
   Both are computed in log space: log(1 − p_y) = lse_{c≠y}(z/τ) − lse(z/τ). The target class is
   removed exactly (mdistiller subtracts 1000 from its scaled logit, which agrees unless the
-  logits span more than ~1000τ). The warm-up factor min(epoch/20, 1) and the batch mean belong
+  logits span more than ~1000τ): it is set to −inf once per side, so the non-target max, Σ exp
+  and KL cross term are the isolated sweeps of `kd_loss`, and the student's gradient is written
+  in closed form (`_dkd_rows_bwd`). The warm-up factor min(epoch/20, 1) and the batch mean belong
   to the training objective, not here (docs/METHODS.md#dkd).
 
   Args:
@@ -202,9 +205,17 @@ def dkd_divergence(student_logits: Array, teacher_logits: Array, labels: Array, 
     raise ValueError("dkd_divergence needs at least 2 classes.")
   _logits.check_labels(labels, student_logits)
   _logits.check_positive(temperature, "temperature")
-  onehot = jax.nn.one_hot(labels, jnp.shape(student_logits)[-1], dtype=bool)
-  us, lse_s = _logits.shifted_logsumexp(_logits.as_float32(student_logits), temperature)
-  ut, lse_t = _logits.shifted_logsumexp(_logits.as_float32(teacher_logits), temperature)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return _dkd_rows(_logits.as_float32(student_logits), _logits.as_float32(teacher_logits),
+                   jnp.asarray(labels), f32(alpha), f32(beta), f32(temperature))
+
+
+def _dkd_composed(zs, zt, labels, alpha, beta, temperature):
+  """`dkd_divergence` by plain jnp on materialised shifted logits: the reference whose autodiff
+  gives `_dkd_rows` its teacher and temperature gradients."""
+  onehot = jax.nn.one_hot(labels, jnp.shape(zs)[-1], dtype=bool)
+  us, lse_s = _logits.shifted_logsumexp(zs, temperature)
+  ut, lse_t = _logits.shifted_logsumexp(zt, temperature)
   ly_s, lo_s, lse_other_s = _target_split(us, lse_s, onehot)
   ly_t, lo_t, lse_other_t = _target_split(ut, lse_t, onehot)
   py_t, po_t = jnp.exp(ly_t), jnp.exp(lo_t)
@@ -215,6 +226,70 @@ def dkd_divergence(student_logits: Array, teacher_logits: Array, labels: Array, 
   p_hat_t = jnp.where(onehot, 0.0, jnp.exp(ut - lse_other_t[..., None]))
   nckd = _logits.expectation(p_hat_t, ut - us) + lse_other_s - lse_other_t
   return temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _non_target(z, labels, temperature):
+  """z with the label's logit at −max_float, its row max m_o `[..., 1]` (the non-target max),
+  Z_o = Σ_{c≠y} exp((z − m_o)/τ), log p_y and log(1 − p_y) of softmax(z/τ).
+
+  −max_float rather than −inf: its exp is 0 all the same, and forward-mode autodiff (a
+  Hessian) through the sweeps multiplies (z − m)/τ by τ's zero tangent, which −inf would make
+  NaN (for τ < 1 the quotient still overflows to −inf). A row whose only finite logit is the
+  target gets NCKD = 0 (an empty non-target distribution) instead of NaN.
+  """
+  u_y = _logits.as_float32(_logits.take_label(z, labels)) / temperature
+  z_o = jnp.put_along_axis(z, labels[..., None], -np.finfo(np.float32).max, axis=-1,
+                           inplace=False)
+  m_o = _logits.raw_row_max(z_o)
+  sum_o = _logits.sum_exp(z_o, m_o, temperature)
+  lse_o = jnp.log(sum_o) + m_o[..., 0] / temperature
+  lse = jnp.logaddexp(lse_o, u_y)
+  return z_o, m_o, sum_o, u_y - lse, lse_o - lse
+
+
+@jax.custom_vjp
+def _dkd_rows(zs, zt, labels, alpha, beta, temperature):
+  """α·TCKD + β·NCKD per row (τ² inside); float32 logits, float32 scalars."""
+  return _dkd_rows_fwd(zs, zt, labels, alpha, beta, temperature)[0]
+
+
+def _dkd_rows_fwd(zs, zt, labels, alpha, beta, temperature):
+  zs_o, ms_o, sum_s, ly_s, lo_s = _non_target(zs, labels, temperature)
+  zt_o, mt_o, sum_t, ly_t, lo_t = _non_target(zt, labels, temperature)
+  py_t, po_t = jnp.exp(ly_t), jnp.exp(lo_t)
+  tckd = (jnp.where(py_t > 0, py_t * (ly_t - ly_s), 0.0)
+          + jnp.where(po_t > 0, po_t * (lo_t - lo_s), 0.0))
+  # NCKD = Σ_{c≠y} p̂^t_c (u^t_c − u^s_c) + log Z^s_o − log Z^t_o, u = (z − m_o)/τ, p̂^t = e^t/Z^t_o.
+  cross = _logits.kl_cross(zs_o, zt_o, ms_o, mt_o, temperature)
+  nckd = cross / sum_t + jnp.log(sum_s) - jnp.log(sum_t)
+  out = temperature**2 * (alpha * tckd + beta * nckd)
+  return out, (zs, zt, labels, alpha, beta, temperature, ms_o, mt_o, sum_s, sum_t, ly_s, ly_t,
+               tckd, nckd)
+
+
+def _dkd_rows_bwd(res, g):
+  # With b = (p_y, 1 − p_y), p̂ the non-target softmax and G = g·τ² (times 1/τ for du/dz):
+  #   c ≠ y: ∂/∂u^s_c = G·[p̂^s_c (α(p^t_y − p^s_y) + β) − β p̂^t_c],  c = y: G·α(p^s_y − p^t_y).
+  # p̂ is computed from the raw logits (its value at y, possibly inf, is then overwritten).
+  zs, zt, labels, alpha, beta, temperature, ms_o, mt_o, sum_s, sum_t, ly_s, ly_t, tckd, nckd = res
+  py_s, py_t = jnp.exp(ly_s), jnp.exp(ly_t)
+  scale = g * temperature
+  a = (scale * (alpha * (py_t - py_s) + beta) / sum_s)[..., None]
+  b = (scale * beta / sum_t)[..., None]
+  d_zs = a * jnp.exp((zs - ms_o) / temperature) - b * jnp.exp((zt - mt_o) / temperature)
+  d_zs = jnp.put_along_axis(d_zs, labels[..., None], (scale * alpha * (py_s - py_t))[..., None],
+                            axis=-1, inplace=False)
+  # The teacher's and τ's gradients (rarely needed; XLA drops them unless used) are autodiff's
+  # of the composed reference.
+  _, vjp = jax.vjp(lambda zt_, t_: _dkd_composed(zs, zt_, labels, alpha, beta, t_),
+                   zt, temperature)
+  d_zt, d_tau = vjp(g)
+  t2 = temperature**2
+  return (d_zs, d_zt, np.zeros(jnp.shape(labels), jax.dtypes.float0),
+          jnp.sum(g * t2 * tckd), jnp.sum(g * t2 * nckd), d_tau)
+
+
+_dkd_rows.defvjp(_dkd_rows_fwd, _dkd_rows_bwd)
 
 
 # --------------------------------------------------------------------------------------------
