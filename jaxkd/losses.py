@@ -182,9 +182,9 @@ def dkd_divergence(student_logits: Array, teacher_logits: Array, labels: Array, 
 
   Both are computed in log space: log(1 − p_y) = lse_{c≠y}(z/τ) − lse(z/τ). The target class is
   removed exactly (mdistiller subtracts 1000 from its scaled logit, which agrees unless the
-  logits span more than ~1000τ): it is set to −inf once per side, so the non-target max, Σ exp
-  and KL cross term are the isolated sweeps of `kd_loss`, and the student's gradient is written
-  in closed form (`_dkd_rows_bwd`). The warm-up factor min(epoch/20, 1) and the batch mean belong
+  logits span more than ~1000τ): it is set to −max_float once per side, so the non-target max,
+  Σ exp and KL cross term are the isolated sweeps of `kd_loss`, and the student's gradient is
+  written in closed form (`_dkd_rows_bwd`). The warm-up factor min(epoch/20, 1) and the batch mean belong
   to the training objective, not here (docs/METHODS.md#dkd).
 
   Args:
@@ -218,14 +218,19 @@ def _dkd_composed(zs, zt, labels, alpha, beta, temperature):
   ut, lse_t = _logits.shifted_logsumexp(zt, temperature)
   ly_s, lo_s, lse_other_s = _target_split(us, lse_s, onehot)
   ly_t, lo_t, lse_other_t = _target_split(ut, lse_t, onehot)
-  py_t, po_t = jnp.exp(ly_t), jnp.exp(lo_t)
-  tckd = (jnp.where(py_t > 0, py_t * (ly_t - ly_s), 0.0)
-          + jnp.where(po_t > 0, po_t * (lo_t - lo_s), 0.0))
+  tckd = _binary_kl(ly_t, lo_t, ly_s, lo_s)
   # Non-target distribution: log p̂_c = u_c − lse_other, so the KL is
   # Σ_{c≠y} p̂^t_c (u^t_c − u^s_c) + lse_other^s − lse_other^t.
   p_hat_t = jnp.where(onehot, 0.0, jnp.exp(ut - lse_other_t[..., None]))
   nckd = _logits.expectation(p_hat_t, ut - us) + lse_other_s - lse_other_t
   return temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _binary_kl(ly_t, lo_t, ly_s, lo_s):
+  """KL(b^t ‖ b^s) of b = (p_y, 1 − p_y) from their logs, with 0 · log 0 = 0 (DKD's TCKD)."""
+  py_t, po_t = jnp.exp(ly_t), jnp.exp(lo_t)
+  return (jnp.where(py_t > 0, py_t * (ly_t - ly_s), 0.0)
+          + jnp.where(po_t > 0, po_t * (lo_t - lo_s), 0.0))
 
 
 def _non_target(z, labels, temperature):
@@ -237,7 +242,7 @@ def _non_target(z, labels, temperature):
   NaN (for τ < 1 the quotient still overflows to −inf). A row whose only finite logit is the
   target gets NCKD = 0 (an empty non-target distribution) instead of NaN.
   """
-  u_y = _logits.as_float32(_logits.take_label(z, labels)) / temperature
+  u_y = _logits.take_label(z, labels) / temperature
   z_o = jnp.put_along_axis(z, labels[..., None], -np.finfo(np.float32).max, axis=-1,
                            inplace=False)
   m_o = _logits.raw_row_max(z_o)
@@ -256,9 +261,7 @@ def _dkd_rows(zs, zt, labels, alpha, beta, temperature):
 def _dkd_rows_fwd(zs, zt, labels, alpha, beta, temperature):
   zs_o, ms_o, sum_s, ly_s, lo_s = _non_target(zs, labels, temperature)
   zt_o, mt_o, sum_t, ly_t, lo_t = _non_target(zt, labels, temperature)
-  py_t, po_t = jnp.exp(ly_t), jnp.exp(lo_t)
-  tckd = (jnp.where(py_t > 0, py_t * (ly_t - ly_s), 0.0)
-          + jnp.where(po_t > 0, po_t * (lo_t - lo_s), 0.0))
+  tckd = _binary_kl(ly_t, lo_t, ly_s, lo_s)
   # NCKD = Σ_{c≠y} p̂^t_c (u^t_c − u^s_c) + log Z^s_o − log Z^t_o, u = (z − m_o)/τ, p̂^t = e^t/Z^t_o.
   cross = _logits.kl_cross(zs_o, zt_o, ms_o, mt_o, temperature)
   nckd = cross / sum_t + jnp.log(sum_s) - jnp.log(sum_t)
