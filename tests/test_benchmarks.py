@@ -82,6 +82,19 @@ def test_loss_benchmark(tmp_path, torch_baseline):
   assert all((r["torch_ms"] is not None) == torch_baseline for r in rows)
 
 
+def test_losses_against_revision_alternates_the_trees(tmp_path):
+  # The working tree against itself: each side's bench_losses runs and the pairs are written.
+  out = run_script("bench_losses_against_revision.py", "--before", REPO, "--sizes", "1024x100",
+                   "--objectives", "KD", "--rounds", "1", "--runs", "2", "--tag", "smoke",
+                   "--out", str(tmp_path))
+  order = [out.index(f"run {i} {side}") for i, side in
+           ((0, "before"), (0, "after"), (1, "after"), (1, "before"))]
+  assert order == sorted(order)
+  (row,) = json.load(open(only_file(tmp_path, "losses-smoke-cpu-", ".json")))["rows"]
+  assert row["objective"] == "KD" and len(row["ratio_runs"]) == 2 and row["after_ms"] > 0
+  assert "| 1024x100 | KD |" in open(only_file(tmp_path, "losses-smoke-cpu-", ".md")).read()
+
+
 def test_against_revision_runs_both_trees_interleaved(tmp_path):
   # The working tree against itself: the mechanics (each side imports its own tree's jaxkd,
   # rounds alternate, results written), not the figures.
